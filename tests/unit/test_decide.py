@@ -1,0 +1,80 @@
+"""The whole recovery policy as a table: (state, signal, budget, restarts) -> (action, next state)."""
+import pytest
+
+from supervisor.states import Action, Facts, Signal, State, decide
+
+S, A, G = State, Action, Signal
+LIMIT = 5
+
+TABLE = [
+    # state         signal            armed  restarts  -> action              next state      event
+    (S.STOPPED,    G.BOOT,            True,  0,   A.LAUNCH,           S.STARTING,   "booted"),
+    (S.STARTING,   G.RUNNING,         True,  0,   A.NOTHING,          S.RUNNING,    "running"),
+    (S.RUNNING,    G.RUNNING,         True,  0,   A.NOTHING,          S.RUNNING,    ""),
+    # auth failure: exactly one recovery, then failed
+    (S.RUNNING,    G.AUTH_FAILURE,    True,  0,   A.RECOVER,          S.RECOVERING, "recovering"),
+    (S.STARTING,   G.AUTH_FAILURE,    True,  0,   A.RECOVER,          S.RECOVERING, "recovering"),
+    (S.RECOVERING, G.AUTH_FAILURE,    False, 0,   A.STOP,             S.FAILED,     "recovery_failed"),
+    (S.RECOVERING, G.AUTH_FAILURE,    True,  0,   A.STOP,             S.FAILED,     "recovery_failed"),
+    (S.STARTING,   G.AUTH_FAILURE,    False, 0,   A.STOP,             S.FAILED,     "failed"),
+    (S.RUNNING,    G.AUTH_FAILURE,    False, 0,   A.STOP,             S.FAILED,     "failed"),
+    (S.RECOVERING, G.RUNNING,         False, 0,   A.NOTHING,          S.RUNNING,    "recovered"),
+    # corrupt state file: same budget as stale state
+    (S.STARTING,   G.CORRUPT_STATE,   True,  0,   A.RECOVER,          S.RECOVERING, "recovering"),
+    (S.STARTING,   G.CORRUPT_STATE,   False, 0,   A.STOP,             S.FAILED,     "failed"),
+    # expired key: re-authenticate in place, same budget
+    (S.RUNNING,    G.KEY_EXPIRED,     True,  0,   A.REAUTH,           S.RECOVERING, "reauthenticating"),
+    (S.RECOVERING, G.KEY_EXPIRED,     False, 0,   A.STOP,             S.FAILED,     "recovery_failed"),
+    # crashes: backoff until the start limit
+    (S.RUNNING,    G.CRASH,           True,  0,   A.SCHEDULE_RESTART, S.BACKOFF,    "crashed"),
+    (S.STARTING,   G.CRASH,           True,  4,   A.SCHEDULE_RESTART, S.BACKOFF,    "crashed"),
+    (S.STARTING,   G.CRASH,           True,  5,   A.STOP,             S.FAILED,     "start_limit"),
+    (S.RECOVERING, G.CRASH,           False, 0,   A.SCHEDULE_RESTART, S.BACKOFF,    "crashed"),
+    (S.BACKOFF,    G.BACKOFF_OVER,    True,  1,   A.LAUNCH,           S.STARTING,   "relaunched"),
+    (S.RUNNING,    G.BACKOFF_OVER,    True,  0,   A.NOTHING,          S.RUNNING,    ""),
+    # serve alone restarts
+    (S.RUNNING,    G.SERVE_CRASH,     True,  0,   A.RESTART_SERVE,    S.RUNNING,    "serve_restarted"),
+    (S.RUNNING,    G.SERVE_CRASH,     True,  5,   A.STOP,             S.FAILED,     "start_limit"),
+    # healthy period re-arms
+    (S.RUNNING,    G.HEALTHY,         False, 0,   A.REARM,            S.RUNNING,    "healthy"),
+    (S.STARTING,   G.HEALTHY,         False, 0,   A.NOTHING,          S.STARTING,   ""),
+    # operator
+    (S.FAILED,     G.START,           False, 0,   A.LAUNCH,           S.STARTING,   "started"),
+    (S.RUNNING,    G.START,           True,  0,   A.LAUNCH,           S.STARTING,   "started"),
+    (S.RUNNING,    G.STOP,            True,  0,   A.STOP,             S.STOPPED,    "stopped"),
+    (S.FAILED,     G.STOP,            False, 0,   A.STOP,             S.STOPPED,    "stopped"),
+    (S.STOPPED,    G.STOP,            True,  0,   A.NOTHING,          S.STOPPED,    ""),
+    # late news from children already stopped never acts (no loops)
+    (S.FAILED,     G.AUTH_FAILURE,    False, 0,   A.NOTHING,          S.FAILED,     ""),
+    (S.FAILED,     G.CRASH,           False, 0,   A.NOTHING,          S.FAILED,     ""),
+    (S.STOPPED,    G.RUNNING,         True,  0,   A.NOTHING,          S.STOPPED,    ""),
+    (S.BACKOFF,    G.AUTH_FAILURE,    True,  1,   A.NOTHING,          S.BACKOFF,    ""),
+    (S.BACKOFF,    G.CRASH,           True,  1,   A.NOTHING,          S.BACKOFF,    ""),
+]
+
+
+@pytest.mark.parametrize("state,signal,armed,restarts,action,next_state,event", TABLE,
+                         ids=[f"{r[0].value}-{r[1].value}-{'armed' if r[2] else 'spent'}-{r[3]}" for r in TABLE])
+def test_decide_table(state, signal, armed, restarts, action, next_state, event):
+    d = decide(state, Facts(signal, budget_armed=armed, recent_restarts=restarts, start_limit=LIMIT))
+    assert (d.action, d.state, d.event) == (action, next_state, event)
+
+
+def test_every_state_and_signal_has_a_decision():
+    for state in State:
+        for signal in Signal:
+            for armed in (True, False):
+                d = decide(state, Facts(signal, budget_armed=armed))
+                assert isinstance(d.action, Action) and isinstance(d.state, State)
+
+
+def test_auth_failures_wipe_at_most_once_per_budget():
+    """Walk an incident: however many auth failures arrive, one RECOVER only."""
+    state, armed, recovers = State.RUNNING, True, 0
+    for _ in range(10):
+        d = decide(state, Facts(Signal.AUTH_FAILURE, budget_armed=armed))
+        if d.action is Action.RECOVER:
+            recovers += 1
+            armed = False
+        state = d.state
+    assert recovers == 1 and state is State.FAILED

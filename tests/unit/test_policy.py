@@ -1,0 +1,106 @@
+"""What tailscaled's output means: only rejections are auth failures; outages never are."""
+import pytest
+
+from supervisor import policy
+from supervisor.policy import Budget
+from supervisor.states import Signal
+from supervisor.tailscale import BackendState, BusEvent, NodeStatus
+
+LOGGED_OUT = "You are logged out. The last login error was: "
+
+
+@pytest.mark.parametrize("notify,signal", [
+    ({"ErrMessage": "invalid key: API key does not exist"}, Signal.AUTH_FAILURE),
+    ({"ErrMessage": "invalid key: API key k123 not valid"}, Signal.AUTH_FAILURE),
+    ({"Health": {"Warnings": {"login-state": {"Text": LOGGED_OUT + "invalid key: API key does not exist"}}}},
+     Signal.AUTH_FAILURE),
+    ({"Health": {"Warnings": {"login-state": {"Text": LOGGED_OUT + "register request: http 401: invalid key: API key does not exist"}}}},
+     Signal.AUTH_FAILURE),
+    ({"Health": {"Warnings": {"login-state": {"Text": LOGGED_OUT + "register request: http 403: forbidden"}}}},
+     Signal.AUTH_FAILURE),
+    ({"Health": {"Warnings": {"state-store-health": {"Text": "State store failed to initialize, Tailscale will not work until this is resolved. See https://tailscale.com/s/state-store-init-error. Error: failed to unmarshal \"/x/tailscaled.state\": unexpected end of JSON input"}}}},
+     Signal.CORRUPT_STATE),
+    ({"State": 2, "BrowseToURL": "http://127.0.0.1:1/a/8cb07d3ebb3724f3"}, Signal.AUTH_FAILURE),
+])
+def test_bus_rejections(notify, signal):
+    verdicts = policy.from_bus(BusEvent.parse(notify))
+    assert [v.signal for v in verdicts] == [signal]
+    assert verdicts[0].reason
+
+
+@pytest.mark.parametrize("text", [
+    LOGGED_OUT + "fetch control key: Get \"http://127.0.0.1:9/key?v=133\": dial tcp 127.0.0.1:9: connect: connection refused",
+    LOGGED_OUT + "register request: http 500: internal error",
+    LOGGED_OUT + "register request: http 502: bad gateway",
+])
+def test_outage_is_transient_never_auth(text):
+    verdicts = policy.from_bus(BusEvent.parse({"Health": {"Warnings": {"login-state": {"Text": text}}}}))
+    assert [v.signal for v in verdicts] == [None]
+
+
+def test_quiet_notify_means_nothing():
+    assert policy.from_bus(BusEvent.parse({"State": 6})) == []
+    assert policy.from_bus(BusEvent.parse({"Health": {"Warnings": {}}})) == []
+
+
+@pytest.mark.parametrize("line,signal", [
+    ("2026/11/25 03:42:04 Received error: PollNetMap: initial fetch failed 404: node not found", Signal.AUTH_FAILURE),
+    ("2026/11/25 03:42:04 Received error: PollNetMap: initial fetch failed 500: boom", None),
+    ("2026/11/25 03:42:04 control: fetch control key: dial tcp 127.0.0.1:1: connect: connection refused", None),
+])
+def test_stderr_lines(line, signal):
+    v = policy.from_stderr(line)
+    assert v is not None and v.signal is signal
+
+
+def test_ordinary_stderr_is_ignored():
+    assert policy.from_stderr("2026/11/25 03:42:04 magicsock: disco: node [abc] now using 127.0.0.1:41641") is None
+
+
+def test_exit_with_unreadable_state_is_corrupt_state_1_78():
+    tail = ["2026/11/25 03:42:17 link state: ...", "2026/11/25 03:42:17 getLocalBackend error: store.New: unexpected end of JSON input"]
+    assert policy.from_exit(1, tail).signal is Signal.CORRUPT_STATE
+
+
+def test_other_exit_is_a_crash_with_its_last_line():
+    v = policy.from_exit(1, ["2026/11/25 03:42:17 some fatal thing happened"])
+    assert v.signal is Signal.CRASH and "some fatal thing happened" in v.reason and "status 1" in v.reason
+
+
+def _status(**kw):
+    return NodeStatus(backend_state=BackendState.NEEDS_LOGIN, **kw)
+
+
+def test_needs_login_reasons():
+    assert policy.from_needs_login(_status(auth_url="http://x/a/1")).signal is Signal.AUTH_FAILURE
+    assert policy.from_needs_login(_status(expired=True, key_expiry="2020-01-01T00:00:00Z")).signal is Signal.KEY_EXPIRED
+    assert policy.from_needs_login(_status()) is None  # fresh or logged out: log in with the key
+
+
+def test_backoff_doubles_and_caps():
+    assert [policy.backoff_delay(n, 1, 30) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_budget_survives_restart_and_rearms_on_config_change(tmp_path):
+    path = tmp_path / "recovery.json"
+    b = Budget(path, "fp1")
+    assert b.armed
+    b.spend("node deleted")
+    assert not Budget(path, "fp1").armed          # a supervisor restart never wipes twice
+    b2 = Budget(path, "fp1")
+    b2.mark_failed("invalid key")
+    assert Budget(path, "fp1").failed_reason == "invalid key"
+    fresh = Budget(path, "fp2")                   # config changed
+    assert fresh.armed and not fresh.failed_reason
+
+
+def test_budget_rearm(tmp_path):
+    b = Budget(tmp_path / "r.json", "fp")
+    b.spend("x")
+    b.rearm()
+    assert Budget(tmp_path / "r.json", "fp").armed
+
+
+def test_corrupt_budget_file_means_armed(tmp_path):
+    (tmp_path / "r.json").write_text("{garbage")
+    assert Budget(tmp_path / "r.json", "fp").armed
