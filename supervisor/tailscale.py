@@ -1,0 +1,356 @@
+"""The tailscale client: the one module that knows tailscale's CLI flags,
+LocalAPI paths and JSON shapes.
+
+Everything else in ts-supervisor talks in the typed values defined here
+(BusEvent, NodeStatus), so a tailscale release that moves a field breaks one
+module, not the supervisor.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VERSION = "1.96.4"
+
+# IPN bus watch options (ipn/backend.go; identical bit values in 1.78.1 and 1.96.4).
+NOTIFY_INITIAL_STATE = 1 << 1
+NOTIFY_NO_PRIVATE_KEYS = 1 << 4
+NOTIFY_INITIAL_HEALTH = 1 << 7
+NOTIFY_RATE_LIMIT = 1 << 8  # throttles only netmap/engine spam; State and ErrMessage pass at once
+BUS_MASK = NOTIFY_INITIAL_STATE | NOTIFY_NO_PRIVATE_KEYS | NOTIFY_INITIAL_HEALTH | NOTIFY_RATE_LIMIT
+
+STATE_FILE = "tailscaled.state"
+SOCKET_FILE = "tailscaled.sock"
+
+
+class BackendState(IntEnum):
+    """ipn.State as it travels on the IPN bus (an integer)."""
+
+    NO_STATE = 0
+    IN_USE_OTHER_USER = 1
+    NEEDS_LOGIN = 2
+    NEEDS_MACHINE_AUTH = 3
+    STOPPED = 4
+    STARTING = 5
+    RUNNING = 6
+
+    @classmethod
+    def parse(cls, value: int | str) -> "BackendState":
+        if isinstance(value, int):
+            return cls(value)
+        return _STATE_NAMES[value]
+
+
+_STATE_NAMES = {
+    "NoState": BackendState.NO_STATE,
+    "InUseOtherUser": BackendState.IN_USE_OTHER_USER,
+    "NeedsLogin": BackendState.NEEDS_LOGIN,
+    "NeedsMachineAuth": BackendState.NEEDS_MACHINE_AUTH,
+    "Stopped": BackendState.STOPPED,
+    "Starting": BackendState.STARTING,
+    "Running": BackendState.RUNNING,
+}
+
+
+# ---------------------------------------------------------------------------
+# Binaries and command lines
+
+
+class BinaryNotFound(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Binaries:
+    tailscale: Path
+    tailscaled: Path
+
+    @classmethod
+    def locate(cls, tailscale: str | os.PathLike | None = None,
+               tailscaled: str | os.PathLike | None = None,
+               version: str | None = None) -> "Binaries":
+        """Find the binaries: explicit paths (settings file) win, then the
+        TS_SUPERVISOR_TAILSCALE / TS_SUPERVISOR_TAILSCALED environment (a NAS
+        install), then the project's pinned copy in .tools/, then $PATH."""
+        version = version or os.environ.get("TS_SUPERVISOR_TAILSCALE_VERSION") or DEFAULT_VERSION
+        tools = Path(os.environ.get("TS_SUPERVISOR_TOOLS", PROJECT_ROOT / ".tools"))
+        found = {}
+        for name, explicit in (("tailscale", tailscale), ("tailscaled", tailscaled)):
+            candidates = [explicit, os.environ.get(f"TS_SUPERVISOR_{name.upper()}"),
+                          tools / f"tailscale-{version}" / name, shutil.which(name)]
+            path = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+            if path is None:
+                raise BinaryNotFound(
+                    f"{name} not found: set {name} in ts-supervisor.toml or "
+                    f"TS_SUPERVISOR_{name.upper()}, or run scripts/install-tailscale")
+            found[name] = path.resolve()
+        return cls(**found)
+
+    def version(self) -> str:
+        out = subprocess.run([str(self.tailscale), "version"], capture_output=True,
+                             text=True, timeout=30)
+        return out.stdout.split("\n", 1)[0].strip()
+
+
+def quiet_env(control_url: str) -> dict[str, str]:
+    """Environment that keeps tailscaled on a loopback control and off the
+    Internet (facts §6): no log upload, no port mapping, no hosted control,
+    DERP over plain HTTP to the embedded relay, and every log line kept."""
+    return {
+        "TS_NO_LOGS_NO_SUPPORT": "true",
+        "TS_DISABLE_PORTMAPPER": "1",
+        "TS_PANIC_IF_HIT_MAIN_CONTROL": "1",
+        "TS_DEBUG_USE_DERP_HTTP": "1",
+        "TS_NETCHECK_GENERATE_204_URL": f"{control_url.rstrip('/')}/generate_204",
+        "TS_DEBUG_LOG_RATE": "all",
+    }
+
+
+def tailscaled_command(bins: Binaries, statedir: Path, *, quiet_control_url: str | None,
+                       parent_death_fd: int | None = None,
+                       socks5_server: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """argv and environment for one tailscaled owning `statedir`.
+
+    quiet_control_url: set for the embedded (loopback) control; adds the
+    flags and environment that keep tailscaled off the Internet.
+    parent_death_fd: read end of a pipe whose write end the supervisor holds;
+    tailscaled exits when it reads EOF, i.e. when the supervisor dies.
+    """
+    argv = [str(bins.tailscaled), f"--statedir={statedir}",
+            f"--socket={statedir / SOCKET_FILE}", "--tun=userspace-networking", "--port=0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
+    env["TS_LOGS_DIR"] = str(statedir)
+    env["TS_DEBUG_LOG_RATE"] = "all"  # keep every repeated "Received error" line (facts §6)
+    if quiet_control_url:
+        argv.append("--no-logs-no-support")
+        env.update(quiet_env(quiet_control_url))
+    if socks5_server:
+        argv.append(f"--socks5-server={socks5_server}")
+    if parent_death_fd is not None:
+        env["TS_PARENT_DEATH_FD"] = str(parent_death_fd)
+    return argv, env
+
+
+def cli_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
+
+
+def up_command(bins: Binaries, socket: Path, *, login_server: str | None, hostname: str,
+               auth_key_file: Path | None, tags: tuple[str, ...] = (),
+               timeout: float = 60.0) -> list[str]:
+    """`tailscale up` for a statedir that needs login. The key travels as
+    file:PATH so it never appears in argv. --reset because this only ever runs
+    on a fresh or logged-out statedir, where every flag is ours to set."""
+    argv = [str(bins.tailscale), f"--socket={socket}", "up", "--reset",
+            f"--hostname={hostname}", "--accept-dns=false", f"--timeout={int(timeout)}s"]
+    if login_server:
+        argv.append(f"--login-server={login_server}")
+    if auth_key_file is not None:
+        argv.append(f"--auth-key=file:{auth_key_file}")
+    if tags:
+        argv.append(f"--advertise-tags={','.join(tags)}")
+    return argv
+
+
+def serve_command(bins: Binaries, socket: Path, *, mode: str, port: int, target: str) -> list[str]:
+    """Foreground `tailscale serve`: it removes its config when it exits, so
+    the serve config lives exactly as long as the child we supervise."""
+    if mode not in ("http", "https", "tcp"):
+        raise ValueError(f"unknown serve mode {mode!r}")
+    return [str(bins.tailscale), f"--socket={socket}", "serve", f"--{mode}={port}", target]
+
+
+def logout_command(bins: Binaries, socket: Path) -> list[str]:
+    return [str(bins.tailscale), f"--socket={socket}", "logout"]
+
+
+# ---------------------------------------------------------------------------
+# LocalAPI over the unix socket
+
+
+class LocalAPIError(Exception):
+    def __init__(self, status: int, body: str):
+        super().__init__(f"LocalAPI HTTP {status}: {body.strip()[:200]}")
+        self.status = status
+        self.body = body
+
+
+@dataclass(frozen=True)
+class BusEvent:
+    """One IPN bus Notify, reduced to what supervision needs."""
+
+    state: BackendState | None = None
+    err_message: str | None = None
+    browse_to_url: str | None = None
+    # warnable code -> text; None when this Notify carried no health state
+    health: Mapping[str, str] | None = None
+    login_finished: bool = False
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, n: Mapping[str, Any]) -> "BusEvent":
+        state = n.get("State")
+        health = n.get("Health")
+        warnings = None
+        if isinstance(health, Mapping):
+            warnings = {code: str((w or {}).get("Text", ""))
+                        for code, w in (health.get("Warnings") or {}).items()}
+        return cls(
+            state=BackendState.parse(state) if state is not None else None,
+            err_message=n.get("ErrMessage") or None,
+            browse_to_url=n.get("BrowseToURL") or None,
+            health=warnings,
+            login_finished=n.get("LoginFinished") is not None,
+            version=n.get("Version") or None,
+        )
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """The slice of /localapi/v0/status the supervisor shows and decides on."""
+
+    backend_state: BackendState
+    auth_url: str = ""
+    tailscale_ips: tuple[str, ...] = ()
+    dns_name: str = ""
+    hostname: str = ""
+    node_id: str = ""
+    expired: bool = False
+    key_expiry: str | None = None
+    online: bool = False
+    health: tuple[str, ...] = ()
+    version: str = ""
+    peers: tuple[Mapping[str, Any], ...] = field(default=(), repr=False)
+
+    @classmethod
+    def parse(cls, s: Mapping[str, Any]) -> "NodeStatus":
+        me = s.get("Self") or {}
+        return cls(
+            backend_state=BackendState.parse(s.get("BackendState", "NoState")),
+            auth_url=s.get("AuthURL") or "",
+            tailscale_ips=tuple(s.get("TailscaleIPs") or ()),
+            dns_name=(me.get("DNSName") or "").rstrip("."),
+            hostname=me.get("HostName") or "",
+            node_id=str(me.get("ID") or ""),
+            expired=bool(me.get("Expired")),
+            key_expiry=me.get("KeyExpiry"),
+            online=bool(me.get("Online")),
+            health=tuple(s.get("Health") or ()),
+            version=s.get("Version") or "",
+            peers=tuple((s.get("Peer") or {}).values()),
+        )
+
+
+class LocalAPI:
+    """A minimal HTTP/1.1 client for tailscaled's LocalAPI on its unix socket.
+
+    Hand-rolled because the bus is an endless chunked stream of JSON lines and
+    the only dependency-free alternative (http.client) blocks the event loop.
+    """
+
+    HOST = "local-tailscaled.sock"
+
+    def __init__(self, socket: Path):
+        self.socket = Path(socket)
+
+    async def _open(self, method: str, path: str, body: bytes = b"") -> tuple[
+            asyncio.StreamReader, asyncio.StreamWriter, int, dict[str, str]]:
+        reader, writer = await asyncio.open_unix_connection(str(self.socket), limit=1 << 22)
+        try:
+            head = (f"{method} {path} HTTP/1.1\r\nHost: {self.HOST}\r\n"
+                    f"Sec-Tailscale: localapi\r\nContent-Length: {len(body)}\r\n"
+                    f"Content-Type: application/json\r\nConnection: close\r\n\r\n")
+            writer.write(head.encode() + body)
+            await writer.drain()
+            status_line = await reader.readline()
+            parts = status_line.decode("latin-1").split(" ", 2)
+            if len(parts) < 2 or not parts[1].isdigit():
+                raise LocalAPIError(0, f"bad status line {status_line[:80]!r}")
+            headers: dict[str, str] = {}
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                k, _, v = line.decode("latin-1").partition(":")
+                headers[k.strip().lower()] = v.strip()
+            return reader, writer, int(parts[1]), headers
+        except BaseException:
+            writer.close()
+            raise
+
+    @staticmethod
+    async def _chunks(reader: asyncio.StreamReader, headers: Mapping[str, str]) -> AsyncIterator[bytes]:
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size_line = await reader.readline()
+                if not size_line:
+                    return
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    return
+                data = await reader.readexactly(size)
+                await reader.readexactly(2)
+                yield data
+        elif "content-length" in headers:
+            yield await reader.readexactly(int(headers["content-length"]))
+        else:
+            while chunk := await reader.read(65536):
+                yield chunk
+
+    async def request(self, method: str, path: str, body: Any = None) -> bytes:
+        data = b"" if body is None else json.dumps(body).encode()
+        reader, writer, status, headers = await self._open(method, path, data)
+        try:
+            out = b"".join([c async for c in self._chunks(reader, headers)])
+        finally:
+            writer.close()
+        if status >= 300:
+            raise LocalAPIError(status, out.decode(errors="replace"))
+        return out
+
+    async def status(self) -> NodeStatus:
+        return NodeStatus.parse(json.loads(await self.request("GET", "/localapi/v0/status")))
+
+    async def status_raw(self) -> dict[str, Any]:
+        return json.loads(await self.request("GET", "/localapi/v0/status"))
+
+    async def serve_ports(self) -> set[int]:
+        """Tailnet ports the current serve config listens on."""
+        raw = await self.request("GET", "/localapi/v0/serve-config")
+        cfg = json.loads(raw or b"{}") or {}
+        return {int(p) for p in (cfg.get("TCP") or {})}
+
+    async def ping(self) -> None:
+        """The cheapest request that proves tailscaled's LocalAPI is serving."""
+        await self.request("GET", "/localapi/v0/status?peers=false")
+
+    async def watch_bus(self, mask: int = BUS_MASK) -> AsyncIterator[BusEvent]:
+        """Yield each Notify as it happens. Ends when tailscaled closes the stream."""
+        async for raw in self.watch_bus_raw(mask):
+            yield BusEvent.parse(raw)
+
+    async def watch_bus_raw(self, mask: int = BUS_MASK) -> AsyncIterator[dict[str, Any]]:
+        reader, writer, status, headers = await self._open(
+            "GET", f"/localapi/v0/watch-ipn-bus?mask={mask}")
+        try:
+            if status >= 300:
+                body = b"".join([c async for c in self._chunks(reader, headers)])
+                raise LocalAPIError(status, body.decode(errors="replace"))
+            buf = b""
+            async for chunk in self._chunks(reader, headers):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            writer.close()
