@@ -1,0 +1,123 @@
+"""The event log (DATA/events.jsonl), secret redaction, and per-proxy rotated logs.
+
+Every state transition is an event; the console and `status` listen here
+instead of polling. All text passes through `redact` on its way out, so an
+auth key can never reach a log, a table or a status answer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+_KEY_RE = re.compile(r"tskey-[A-Za-z0-9_-]+")
+_secrets: set[str] = set()
+
+
+def register_secret(secret: str) -> None:
+    """Remember a secret so that `redact` removes it even if it has no tskey- prefix."""
+    if secret and len(secret) >= 8:
+        _secrets.add(secret)
+
+
+def redact(text: str) -> str:
+    for s in _secrets:
+        if s in text:
+            text = text.replace(s, "[REDACTED]")
+    return _KEY_RE.sub("tskey-[REDACTED]", text)
+
+
+def iso(wall: float) -> str:
+    return datetime.fromtimestamp(wall, timezone.utc).astimezone().isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Event:
+    proxy: str
+    kind: str             # a transition name ("running", "recovering", ...) or a note
+    state: str | None     # the state after the event, if it is a transition
+    reason: str = ""
+    t: float = field(default_factory=time.monotonic)  # comparable with the control's event log
+    wall: float = field(default_factory=time.time)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"t": round(self.t, 6), "time": iso(self.wall), "proxy": self.proxy,
+               "event": self.kind, "state": self.state, "reason": redact(self.reason)}
+        if self.detail:
+            out["detail"] = json.loads(redact(json.dumps(self.detail)))
+        return out
+
+    def line(self) -> str:
+        """One human line per event, for --no-console and logs."""
+        when = datetime.fromtimestamp(self.wall).strftime("%Y-%m-%d %H:%M:%S")
+        state = f" -> {self.state}" if self.state else ""
+        reason = f": {redact(self.reason)}" if self.reason else ""
+        return f"{when} {self.proxy}: {self.kind}{state}{reason}"
+
+
+class EventLog:
+    """Appends events to events.jsonl and tells listeners (console, IPC) at once."""
+
+    def __init__(self, path: Path | None, max_bytes: int = 5 << 20):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.listeners: list[Callable[[Event], None]] = []
+        self.recent: list[Event] = []
+        self._f = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(path, "a", buffering=1)
+
+    def emit(self, event: Event) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(event.to_json()) + "\n")
+            if self._f.tell() > self.max_bytes:
+                self._rotate()
+        self.recent.append(event)
+        del self.recent[:-500]
+        for listener in list(self.listeners):
+            listener(event)
+
+    def _rotate(self) -> None:
+        assert self.path is not None and self._f is not None
+        self._f.close()
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        self._f = open(self.path, "a", buffering=1)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class RotatingLog:
+    """tailscaled's output for one proxy: NAME/tailscaled.log, rotated at a size,
+    `keep` old files. Lines are redacted like everything else."""
+
+    def __init__(self, path: Path, max_bytes: int = 2 << 20, keep: int = 2):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", buffering=1)
+
+    def write(self, line: str) -> None:
+        self._f.write(redact(line) + "\n")
+        if self._f.tell() > self.max_bytes:
+            self._f.close()
+            for i in range(self.keep - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{i}")
+                if older.exists():
+                    os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            self._f = open(self.path, "a", buffering=1)
+
+    def close(self) -> None:
+        self._f.close()
