@@ -1,0 +1,226 @@
+"""The fleet: every proxy in conf.d/, run side by side under one TaskGroup.
+
+It owns what proxies share: the data-dir lock, the orphan sweep at start,
+the embedded control, the parent-death pipe, reloads, the IPC socket and the
+signal handlers (which only record; the loop acts).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from supervisor import config as cfgmod
+from supervisor import procs
+from supervisor import tailscale as ts
+from supervisor.config import ConfigError, ProxyConfig, Settings
+from supervisor.events import Event, EventLog
+from supervisor.ipc import IPCServer
+from supervisor.proxy import Context, Proxy, ProxySnapshot
+from supervisor.states import Signal
+
+CONFIG_POLL = 2.0  # seconds between conf.d change checks (a stat() per file)
+
+
+class LockedError(Exception):
+    pass
+
+
+def acquire_lock(data_dir: Path) -> int:
+    """Exclusive flock on DATA/supervisor.lock, held for the process lifetime.
+    The kernel drops it when we die, so a kill -9 never leaves it stale."""
+    path = data_dir / "supervisor.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise LockedError(f"another ts-supervisor (pid {holder}) is already running with data dir {data_dir}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def _dir_signature(config_dir: Path) -> tuple:
+    try:
+        return tuple(sorted((p.name, st.st_mtime_ns, st.st_size, st.st_ino)
+                            for p in config_dir.glob("*.toml") if (st := p.stat())))
+    except OSError:
+        return ()
+
+
+@dataclass
+class Fleet:
+    config_dir: Path
+    data_dir: Path
+    settings: Settings
+    on_event: Callable[[Event], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.proxies: dict[str, Proxy] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.config_errors: list[ConfigError] = []
+        self.events: EventLog | None = None
+        self.control: Any = None  # the embedded ControlServer, started on first need
+        self._wake = asyncio.Event()
+        self._stop_requested = False
+        self._reload_requested = False
+        self._tg: asyncio.TaskGroup | None = None
+        self.started = asyncio.Event()
+
+    # -- shared services -----------------------------------------------------------
+
+    def control_url(self, cfg: ProxyConfig) -> str | None:
+        return self.control.url if cfg.embedded else cfg.login_server
+
+    async def auth_key(self, cfg: ProxyConfig) -> str:
+        if cfg.embedded:
+            return await self.control.mint_key(ephemeral=cfg.ephemeral, tags=cfg.tags)
+        return await asyncio.to_thread(cfg.read_auth_key)
+
+    async def _ensure_control(self, configs: list[ProxyConfig]) -> None:
+        if self.control is not None or not any(c.embedded for c in configs):
+            return
+        from supervisor.control.server import ControlServer  # only when a proxy needs it
+        self.control = ControlServer(self.data_dir / "control", port=self.settings.embedded_port)
+        await self.control.start()
+        self._note("-", "control_started", f"embedded control at {self.control.url}")
+
+    # -- events ------------------------------------------------------------------------
+
+    def _note(self, proxy: str, kind: str, reason: str) -> None:
+        assert self.events is not None
+        self.events.emit(Event(proxy, kind, None, reason))
+
+    def _on_event(self, ev: Event) -> None:
+        if self.on_event:
+            self.on_event(ev)
+
+    # -- snapshots / IPC -----------------------------------------------------------
+
+    def snapshots(self) -> list[ProxySnapshot]:
+        return [self.proxies[n].snapshot() for n in sorted(self.proxies)]
+
+    async def _ipc_status(self, req: dict) -> dict:
+        return {"ok": True, "proxies": [s.to_json() for s in self.snapshots()],
+                "config_errors": [str(e) for e in self.config_errors]}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_fd = acquire_lock(self.data_dir)
+        pipe = procs.ParentDeathPipe()
+        self.events = EventLog(self.data_dir / "events.jsonl")
+        self.events.listeners.append(self._on_event)
+        loop = asyncio.get_running_loop()
+        for sig, fn in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
+                        (signal.SIGHUP, self.request_reload)):
+            loop.add_signal_handler(sig, fn)
+        ipc = IPCServer(self.data_dir, {"status": self._ipc_status})
+        try:
+            killed = await asyncio.to_thread(
+                procs.kill_orphans, self.data_dir.glob("proxies/*/pids/*.pid"))
+            for desc in killed:
+                self._note("-", "orphan_stopped", f"stopped {desc} left by an earlier supervisor")
+            bins = ts.Binaries.locate(self.settings.tailscale, self.settings.tailscaled)
+            self.ctx = Context(settings=self.settings, bins=bins, data_dir=self.data_dir,
+                               events=self.events, control_url=self.control_url,
+                               auth_key=self.auth_key, death_pipe=pipe)
+            await ipc.start()
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                await self._reload()
+                self.started.set()
+                signature = _dir_signature(self.config_dir)
+                while not self._stop_requested:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), CONFIG_POLL)
+                    self._wake.clear()
+                    now_sig = _dir_signature(self.config_dir)
+                    if self._reload_requested or now_sig != signature:
+                        self._reload_requested = False
+                        signature = now_sig
+                        await self._reload()
+                await self._stop_all(list(self.proxies))
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await ipc.close()
+            if self.control is not None:
+                await self.control.stop()
+            self.events.close()
+            pipe.close()
+            os.close(lock_fd)
+
+    async def _reload(self) -> None:
+        """New proxies start, removed ones stop, changed ones restart; the rest
+        are not touched. A running proxy keeps its hostname against newcomers."""
+        incumbents = {p.cfg.hostname: n for n, p in self.proxies.items()}
+        configs, errors = await asyncio.to_thread(cfgmod.load_dir, self.config_dir, incumbents)
+        new_errors = [e for e in errors if e not in self.config_errors]
+        self.config_errors = errors
+        for e in new_errors:
+            self._note(e.path.stem, "config_error", str(e))
+        wanted = {c.name: c for c in configs}
+        # A file that turned bad keeps its proxy running as it was: nothing is lost.
+        bad_files = {e.path.stem for e in errors}
+        removed = [n for n in self.proxies if n not in wanted and n not in bad_files]
+        changed = [n for n, c in wanted.items()
+                   if n in self.proxies and self.proxies[n].cfg.fingerprint() != c.fingerprint()]
+        await self._stop_all(removed + changed)
+        try:
+            await self._ensure_control(configs)
+        except Exception as e:
+            self._note("-", "control_error", f"embedded control failed to start: {e}")
+            configs = [c for c in configs if not c.embedded]
+        for name, c in wanted.items():
+            if name in self.proxies or (c.embedded and self.control is None):
+                continue
+            self._start_proxy(c)
+
+    def _start_proxy(self, cfg: ProxyConfig) -> None:
+        assert self._tg is not None
+        proxy = Proxy(cfg, self.ctx)
+        self.proxies[cfg.name] = proxy
+        self.tasks[cfg.name] = self._tg.create_task(self._guard(proxy), name=f"proxy-{cfg.name}")
+
+    async def _guard(self, proxy: Proxy) -> None:
+        """A bug in one proxy's runner ends that proxy (children reaped by its
+        own finally), never the TaskGroup that holds the others."""
+        try:
+            await proxy.run()
+        except Exception as e:
+            self._note(proxy.cfg.name, "internal_error", repr(e))
+
+    async def _stop_all(self, names: list[str]) -> None:
+        for n in names:
+            self.proxies[n].shutdown()
+        for n in names:
+            await self.tasks.pop(n)
+            self.proxies.pop(n)
+
+    def proxy(self, name: str) -> Proxy | None:
+        return self.proxies.get(name)
+
+    def request(self, name: str, sig: Signal) -> bool:
+        p = self.proxies.get(name)
+        if p is None:
+            return False
+        p.request(sig, "operator")
+        return True
