@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 import psutil
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -49,35 +50,54 @@ def human_bytes(n: int) -> str:
 Usage = Mapping[str, tuple[float, int]]  # proxy name -> (CPU %, RSS bytes)
 
 
+WIDE = 110  # below this, pid and CPU/RSS give their room to the error text
+
+
 def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: float | None = None,
-           errors: Sequence[str] = ()) -> Group:
-    """The table (plus config errors under it) for a moment in time."""
+           errors: Sequence[str] = (), width: int = 200) -> Group:
+    """The table (plus config errors under it) for a moment in time.
+
+    Borderless, with related facts sharing a cell, so an 80-column SSH session
+    still shows every proxy's state, address, target and last error."""
     now = time.time() if now is None else now
     usage = usage or {}
-    t = Table(title="ts-supervisor", title_justify="left", expand=False, pad_edge=False)
-    t.add_column("proxy", style="bold", no_wrap=True)
-    t.add_column("host / DNS name", overflow="fold")
-    t.add_column("state", no_wrap=True)
-    t.add_column("tailnet IP", no_wrap=True)
-    t.add_column("target", overflow="fold")
-    t.add_column("pid", justify="right")
-    t.add_column("CPU", justify="right")
-    t.add_column("RSS", justify="right")
-    t.add_column("up", justify="right")
-    t.add_column("rst", justify="right")
-    t.add_column("rec", justify="right")
-    t.add_column("last error", overflow="fold", max_width=48)
+    wide = width >= WIDE
+    t = Table(title="ts-supervisor", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+              padding=(0, 1), expand=False)
+    t.add_column("proxy / DNS name", no_wrap=True, max_width=30 if wide else 22)
+    if wide:
+        for col in ("state", "tailnet IP"):
+            t.add_column(col, no_wrap=True)
+        t.add_column("target", overflow="fold", max_width=28)
+        t.add_column("pid", justify="right", no_wrap=True)
+        t.add_column("cpu rss", justify="right", no_wrap=True)
+        t.add_column("up", justify="right", no_wrap=True)
+        t.add_column("rst/rec", justify="right", no_wrap=True)
+        t.add_column("last error", overflow="fold", min_width=12, ratio=1)
+    else:  # 80 columns: the error goes under the state, counts under uptime
+        t.add_column("state / last error", overflow="fold", ratio=1)
+        t.add_column("tailnet IP / target", no_wrap=True, max_width=21)
+        t.add_column("up r/r", justify="right", no_wrap=True)
     for s in snaps:
         cpu, rss = usage.get(s.name, (None, None))
         ip4 = next((ip for ip in s.tailscale_ips if ":" not in ip), s.tailscale_ips[0] if s.tailscale_ips else "")
-        host = s.hostname if not s.dns_name else f"{s.hostname}\n[dim]{s.dns_name}[/]"
+        name = Text(s.name, style="bold")
+        label = s.dns_name or (s.hostname if s.hostname != s.name else "")
+        if label:
+            name.append(f"\n{label}", style="dim")
+        target = s.target.replace("http://", "").replace("tcp://", "tcp ")
         up = human_duration(now - s.running_since) if s.running_since else "-"
-        t.add_row(
-            s.name, host, Text(s.state, style=STATE_STYLE.get(s.state, "")), ip4 or "-",
-            s.target, str(s.pid) if s.pid else "-",
-            f"{cpu:.1f}%" if cpu is not None and s.pid else "-",
-            human_bytes(rss) if rss and s.pid else "-", up, str(s.restarts), str(s.recoveries),
-            Text(redact(s.last_error), style="red" if s.state == "failed" else "dim"))
+        res = f"{cpu:.1f}% {human_bytes(rss)}" if cpu is not None and rss and s.pid else "-"
+        state = Text(s.state, style=STATE_STYLE.get(s.state, ""))
+        error_style = "red" if s.state == "failed" else "dim"
+        counts = f"{s.restarts}/{s.recoveries}"
+        if wide:
+            t.add_row(name, state, ip4 or "-", target, str(s.pid) if s.pid else "-", res, up, counts,
+                      Text(redact(s.last_error), style=error_style))
+        else:
+            if s.last_error:
+                state.append(f"\n{redact(s.last_error)}", style=error_style)
+            t.add_row(name, state, Text(ip4 or "-").append(f"\n{target}", style="dim"), f"{up}\n{counts}")
     parts: list = [t]
     for e in errors:
         parts.append(Text(f"config error: {redact(e)}", style="red"))
@@ -127,7 +147,8 @@ class LiveTable:
 
     def frame(self) -> Group:
         snaps = self.fleet.snapshots()
-        return render(snaps, self.sampler.sample(snaps), errors=[str(e) for e in self.fleet.config_errors])
+        return render(snaps, self.sampler.sample(snaps), errors=[str(e) for e in self.fleet.config_errors],
+                      width=self.console.width)
 
     async def run(self) -> None:
         with Live(self.frame(), console=self.console, auto_refresh=False, transient=False) as live:

@@ -57,9 +57,9 @@ class Event:
     def line(self) -> str:
         """One human line per event, for --no-console and logs."""
         when = datetime.fromtimestamp(self.wall).strftime("%Y-%m-%d %H:%M:%S")
-        state = f" -> {self.state}" if self.state else ""
+        what = self.kind if self.state in (None, self.kind) else f"{self.kind}, now {self.state}"
         reason = f": {redact(self.reason)}" if self.reason else ""
-        return f"{when} {self.proxy}: {self.kind}{state}{reason}"
+        return f"{when} {self.proxy}: {what}{reason}"
 
 
 class EventLog:

@@ -327,7 +327,9 @@ class LocalAPI:
         """Tailnet ports the current serve config listens on."""
         raw = await self.request("GET", "/localapi/v0/serve-config")
         cfg = json.loads(raw or b"{}") or {}
-        return {int(p) for p in (cfg.get("TCP") or {})}
+        # a foreground `tailscale serve` keeps its config under Foreground[session]
+        layers = [cfg, *(cfg.get("Foreground") or {}).values()]
+        return {int(p) for layer in layers for p in (layer.get("TCP") or {})}
 
     async def ping(self) -> None:
         """The cheapest request that proves tailscaled's LocalAPI is serving."""

@@ -17,7 +17,7 @@ def snap(name, state, **kw):
     return ProxySnapshot(**base)
 
 
-def text(renderable, width=200, color=False) -> str:
+def text(renderable, width=200, color=False) -> str:  # render at the width it is printed at
     c = Console(record=True, width=width, color_system="truecolor" if color else None, force_terminal=color)
     c.print(renderable)
     return c.export_text(styles=False)
@@ -32,7 +32,7 @@ def test_rows_show_state_ip_dns_and_counts():
     ], usage={"jellyfin": (1.5, 31 << 20)}, now=NOW))
     assert "jellyfin.tailnet.test" in out and "100.64.0.1" in out and "fd7a" not in out
     assert "running" in out and "failed" in out and "invalid key: API key does not exist" in out
-    assert "1234" in out and "1.5%" in out and "31.0M" in out and "2m05s" in out
+    assert "1234" in out and "1.5% 31.0M" in out and "2m05s" in out and "2/1" in out
 
 
 def test_secrets_never_reach_the_table():
@@ -47,10 +47,15 @@ def test_config_errors_are_listed_under_the_table():
 
 
 def test_fits_80_columns():
-    out = text(render([snap(f"proxy{i}", "running", tailscale_ips=("100.64.0.10",),
-                            dns_name=f"proxy{i}.tailnet.test", pid=40000 + i) for i in range(3)]), width=80)
+    snaps = [snap(f"proxy{i}", "running", tailscale_ips=("100.64.0.10",),
+                  dns_name=f"proxy{i}.tailnet.test", pid=40000 + i) for i in range(3)]
+    snaps.append(snap("nas-ssh", "failed", target="tcp://127.0.0.1:22",
+                      last_error="recovery failed: invalid key: API key does not exist"))
+    out = text(render(snaps, width=80), width=80)
     assert max(len(l) for l in out.splitlines()) <= 80
-    assert "proxy2" in out
+    for must in ("proxy2", "proxy2.tailnet.test", "100.64.0.10", "127.0.0.1:8096", "tcp 127.0.0.1:22",
+                 "failed", "invalid key", "does not exist"):
+        assert must in out, must
 
 
 def test_state_colours():
