@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 from pathlib import Path
 
 import psutil
@@ -25,7 +26,7 @@ OLD_VERSION = "1.78.1"
 
 def in_private_netns() -> bool:
     return (os.environ.get("TS_SUPERVISOR_NETNS") == "1"
-            and sorted(os.listdir("/sys/class/net")) == ["lo"])
+            and [name for _, name in socket.if_nameindex()] == ["lo"])
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,0 +1,692 @@
+"""The embedded control server: ts2021 on loopback, plus DERP, STUN and an admin API.
+
+One TCP port serves, by path: `GET /key`, the `POST /ts2021` upgrade to
+Noise + HTTP/2 (register and the streaming map), `/derp` (the relay),
+`/generate_204` (netcheck's captive-portal probe) and `/admin/` (JSON,
+bearer token). STUN answers on a UDP port of its own. Decisions live in
+`tailnet.Tailnet`; this module only translates them to the wire.
+
+Cost with many nodes: a peer change is sent as `PeersChanged`/`PeersRemoved`
+deltas, coalesced per loop turn, with each changed node's JSON built once;
+only a node's first map message carries the whole peer list.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from supervisor.control import noise, zstdframe
+from supervisor.control.derp import DerpServer
+from supervisor.control.stun import StunServer
+from supervisor.control.tailnet import AdminError, Node, Tailnet, rfc3339
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 16 * 1024
+MAX_BODY = 1 << 20
+HEAD_TIMEOUT = 10.0
+MAX_WRITE_BUFFER = 8 << 20  # a session that stops reading is dropped, not buffered forever
+MINT_KEY_LIFETIME = 3600.0
+ALLOW_ALL = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
+
+
+class ControlServer:
+    """A tailnet control plane for tailscaled, bound to loopback only."""
+
+    def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", port: int = 0,
+                 ephemeral_reap_after: float = 30.0, domain: str = "tailnet.test",
+                 keepalive: float = 50.0) -> None:
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"the control binds to loopback only, not {host}")
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.port = port
+        self.ephemeral_reap_after = ephemeral_reap_after
+        self.keepalive = keepalive
+        self.tailnet = Tailnet(self.data_dir / "state.json", domain=domain, on_change=self._on_change)
+        self.derp = DerpServer()
+        self.stun = StunServer()
+        self.fault_status: int | None = None  # every /machine/ request answers this (outage)
+        self.register_status: int | None = None  # register answers this instead (facts §4f)
+        self.admin_token = ""
+        self._server: asyncio.Server | None = None
+        self._streams: dict[int, set[_MapStream]] = {}
+        self._sessions: set[_Session] = set()
+        self._conn_tasks: set[asyncio.Task[None]] = set()
+        self._reapers: dict[int, asyncio.TimerHandle] = {}
+        self._changed: set[int] = set()
+        self._removed: set[int] = set()
+        self._flush_scheduled = False
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._private = b""
+
+    # -- life cycle ------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.tailnet.server_private:
+            self.tailnet.server_private = noise.generate_private().hex()
+            self.tailnet.save()
+        self._private = bytes.fromhex(self.tailnet.server_private)
+        self.admin_token = _read_or_make_token(self.data_dir / "admin-token")
+        await self.stun.start(self.host)
+        self._server = await asyncio.start_server(self._on_connection, self.host, self.port,
+                                                  limit=MAX_HEAD * 2)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._keepalive_task = asyncio.create_task(self._keepalives())
+        endpoint = self.data_dir / "endpoint.json"
+        endpoint.write_text(json.dumps({"url": self.url, "pid": os.getpid()}))
+        self.tailnet.event("control_started", url=self.url)
+
+    async def stop(self) -> None:
+        """Close everything: listeners, sessions (nodes see the control vanish), DERP, STUN."""
+        if self._server is None:
+            return
+        self._server.close()
+        if self._keepalive_task:
+            self._keepalive_task.cancel()
+        for handle in self._reapers.values():
+            handle.cancel()
+        self._reapers.clear()
+        for s in list(self._sessions):
+            s.abort()
+        await self.derp.close()
+        self.stun.close()
+        for t in list(self._conn_tasks):
+            t.cancel()
+        await asyncio.gather(*self._conn_tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 2)
+        self._server = None
+        self._streams.clear()
+        with contextlib.suppress(FileNotFoundError):
+            (self.data_dir / "endpoint.json").unlink()
+        self.tailnet.event("control_stopped")
+
+    # -- admin (Python) --------------------------------------------------------
+
+    async def mint_key(self, *, ephemeral: bool = False, tags: list[str] | None = None) -> str:
+        """A single-use key for the supervisor's own `up`; it is spent at once."""
+        _, secret = self.tailnet.create_key(reusable=False, ephemeral=ephemeral,
+                                            expiry=MINT_KEY_LIFETIME, tags=tags)
+        return secret
+
+    def online(self, node_id: int) -> bool:
+        return bool(self._streams.get(node_id))
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        now = self.tailnet.now()
+        return [n.public(now, self.online(n.id)) for n in self.tailnet.nodes.values()]
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        now = self.tailnet.now()
+        return [k.public(now) for k in self.tailnet.keys.values()]
+
+    def admin(self, op: str, **args: Any) -> Any:
+        """The one entry point for admin operations (Python and HTTP share it)."""
+        t = self.tailnet
+        if op == "create_key":
+            key, secret = t.create_key(reusable=bool(args.get("reusable", False)),
+                                       ephemeral=bool(args.get("ephemeral", False)),
+                                       expiry=_opt_float(args.get("expiry", 90 * 86400.0)),
+                                       tags=list(args.get("tags") or []))
+            return {**key.public(t.now()), "secret": secret}
+        if op == "list_keys":
+            return self.list_keys()
+        if op == "revoke_key":
+            return t.revoke_key(str(args["id"])).public(t.now())
+        if op == "expire_key":
+            return t.expire_key(str(args["id"])).public(t.now())
+        if op == "list_nodes":
+            return self.list_nodes()
+        if op == "delete_node":
+            node = t.delete_node(_node_id(args["id"]))
+            return node.public(t.now(), False)
+        if op == "expire_node":
+            node = t.expire_node(_node_id(args["id"]))
+            return node.public(t.now(), self.online(node.id))
+        if op == "events":
+            return t.events_since(float(args.get("since") or 0))
+        if op == "set_fault":
+            self.fault_status = _opt_status(args.get("status"))
+            self.register_status = _opt_status(args.get("register_status"))
+            t.event("fault_set", status=self.fault_status, register_status=self.register_status)
+            return {"status": self.fault_status, "register_status": self.register_status}
+        raise AdminError(f"unknown admin operation {op!r}")
+
+    # -- peer changes -----------------------------------------------------------
+
+    def _on_change(self, kind: str, node: Node) -> None:
+        if kind == "removed":
+            self._removed.add(node.id)
+            self._changed.discard(node.id)
+            for stream in list(self._streams.pop(node.id, ())):
+                stream.end()  # hosted control ends a deleted node's long poll (§4b)
+            handle = self._reapers.pop(node.id, None)
+            if handle:
+                handle.cancel()
+        else:
+            self._changed.add(node.id)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_changes)
+
+    def _flush_changes(self) -> None:
+        """Send what changed since the last turn: each changed node's JSON built once."""
+        self._flush_scheduled = False
+        changed = {i: self._node_json(self.tailnet.nodes[i]) for i in self._changed
+                   if i in self.tailnet.nodes}
+        removed = sorted(self._removed)
+        self._changed.clear()
+        self._removed.clear()
+        if not changed and not removed:
+            return
+        for nid, streams in list(self._streams.items()):
+            node = self.tailnet.nodes.get(nid)
+            if node is None:
+                continue
+            msg: dict[str, Any] = {}
+            peers = [j for i, j in changed.items() if i != nid]
+            if peers:
+                msg["PeersChanged"] = peers
+            if removed:
+                msg["PeersRemoved"] = removed
+            if nid in changed:
+                msg["Node"] = changed[nid]
+            if msg:
+                data = zstdframe.message(json.dumps(msg).encode())
+                for stream in list(streams):
+                    stream.send(data)
+
+    def _node_json(self, n: Node) -> dict[str, Any]:
+        now = self.tailnet.now()
+        addrs = [n.ipv4 + "/32", n.ipv6 + "/128"]
+        return {"ID": n.id, "StableID": f"n{n.id:06d}CNTRL", "Name": self.tailnet.fqdn(n),
+                "User": 1, "Key": n.node_key, "KeyExpiry": rfc3339(n.key_expiry),
+                "Expired": n.expired(now), "Machine": n.machine_key,
+                "DiscoKey": n.disco_key or "discokey:" + "00" * 32,
+                "Addresses": addrs, "AllowedIPs": addrs, "Endpoints": n.endpoints,
+                "HomeDERP": n.home_derp,
+                "DERP": f"127.3.3.40:{n.home_derp}" if n.home_derp else "",
+                "Hostinfo": {**n.hostinfo, "Hostname": n.hostinfo.get("Hostname", n.hostname)},
+                "Created": rfc3339(n.created), "Tags": n.tags,
+                "Online": self.online(n.id), "MachineAuthorized": True,
+                "LastSeen": rfc3339(n.last_seen) if n.last_seen else None}
+
+    def _derp_map(self) -> dict[str, Any]:
+        return {"Regions": {"900": {
+            "RegionID": 900, "RegionCode": "loop", "RegionName": "Loopback",
+            "Nodes": [{"Name": "900a", "RegionID": 900, "HostName": self.host,
+                       "IPv4": self.host, "IPv6": "none", "STUNPort": self.stun.port,
+                       "DERPPort": self.port, "CanPort80": False}]}},
+            "OmitDefaultRegions": True}
+
+    def _full_map(self, node: Node, with_peers: bool) -> dict[str, Any]:
+        who = {"ID": 1, "LoginName": "admin@" + self.tailnet.domain, "DisplayName": "Admin"}
+        msg: dict[str, Any] = {
+            "Node": self._node_json(node), "DERPMap": self._derp_map(),
+            "Domain": self.tailnet.domain, "PacketFilter": ALLOW_ALL,
+            "UserProfiles": [who], "ControlTime": rfc3339(time.time())}
+        if with_peers:
+            peers = [self._node_json(p) for p in self.tailnet.nodes.values() if p.id != node.id]
+            if peers:
+                msg["Peers"] = peers
+        return msg
+
+    async def _keepalives(self) -> None:
+        data = zstdframe.message(b'{"KeepAlive":true}')
+        while True:
+            await asyncio.sleep(self.keepalive)
+            for streams in list(self._streams.values()):
+                for s in list(streams):
+                    s.send(data)
+
+    def _stream_started(self, stream: _MapStream) -> None:
+        nid = stream.node_id
+        handle = self._reapers.pop(nid, None)
+        if handle:
+            handle.cancel()
+        first = not self._streams.get(nid)
+        self._streams.setdefault(nid, set()).add(stream)
+        self.tailnet.event("map_started", node=nid)
+        if first and nid in self.tailnet.nodes:
+            self._on_change("changed", self.tailnet.nodes[nid])  # now online
+
+    def _stream_ended(self, stream: _MapStream) -> None:
+        nid = stream.node_id
+        streams = self._streams.get(nid)
+        if not streams or stream not in streams:
+            return
+        streams.discard(stream)
+        node = self.tailnet.nodes.get(nid)
+        self.tailnet.event("map_ended", node=nid)
+        if streams or node is None:
+            return
+        del self._streams[nid]
+        node.last_seen = self.tailnet.now()
+        self._on_change("changed", node)  # now offline
+        if node.ephemeral and self._server is not None:
+            self._reapers[nid] = asyncio.get_running_loop().call_later(
+                self.ephemeral_reap_after, self._reap, nid)
+
+    def _reap(self, nid: int) -> None:
+        self._reapers.pop(nid, None)
+        if nid in self.tailnet.nodes and not self._streams.get(nid):
+            self.tailnet.delete_node(nid, reason="node_reaped")
+
+    # -- HTTP/1.1 front door -------------------------------------------------------
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conn_tasks.add(task)
+        try:
+            await self._serve_http1(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError,
+                asyncio.TimeoutError, noise.NoiseError, zstdframe.FrameError) as e:
+            log.debug("connection dropped: %s", e)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # one bad client never takes the server down
+            log.exception("control connection failed")
+        finally:
+            self._conn_tasks.discard(task)
+            writer.close()
+
+    async def _serve_http1(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        except asyncio.LimitOverrunError:
+            return _reply(writer, 431, "request head too large")
+        try:
+            method, target, headers = _parse_head(head)
+        except ValueError as e:
+            return _reply(writer, 400, f"bad request: {e}")
+        path = urlsplit(target).path
+        if path.startswith("/derp"):
+            return await self.derp.handle(reader, writer, method, target, headers)
+        if path == "/key":
+            body = {"legacyPublicKey": "mkey:" + "00" * 32,
+                    "publicKey": "mkey:" + noise.public_key(self._private).hex()}
+            return _reply(writer, 200, json.dumps(body), "application/json")
+        if path == "/generate_204":
+            return _reply(writer, 204, "")
+        if path == "/ts2021" and method == "POST":
+            return await self._upgrade(reader, writer, headers)
+        if path.startswith("/admin/"):
+            return await self._admin_http(reader, writer, method, target, headers)
+        _reply(writer, 404, "not found")
+
+    async def _upgrade(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       headers: dict[str, str]) -> None:
+        if headers.get("upgrade", "").lower() != "tailscale-control-protocol":
+            return _reply(writer, 400, "missing Upgrade: tailscale-control-protocol")
+        try:
+            init = base64.b64decode(headers.get("x-tailscale-handshake", ""), validate=True)
+            response, session = noise.respond(self._private, init)
+        except (binascii.Error, ValueError) as e:
+            return _reply(writer, 400, f"bad X-Tailscale-Handshake: {e}")
+        except noise.NoiseError as e:
+            return _reply(writer, 400, f"handshake failed: {e}")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\n"
+                     b"Connection: upgrade\r\n\r\n" + response)
+        s = _Session(self, reader, writer, session)
+        self._sessions.add(s)
+        try:
+            await s.run()
+        finally:
+            self._sessions.discard(s)
+            s.close_streams()
+
+    # -- admin over HTTP --------------------------------------------------------------
+
+    async def _admin_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          method: str, target: str, headers: dict[str, str]) -> None:
+        if not secrets.compare_digest(headers.get("authorization", ""), f"Bearer {self.admin_token}"):
+            return _reply(writer, 401, json.dumps({"error": "missing or wrong admin token"}),
+                          "application/json")
+        try:
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            length = -1
+        if not 0 <= length <= 64 * 1024:
+            return _reply(writer, 400, json.dumps({"error": "bad Content-Length"}), "application/json")
+        raw = await asyncio.wait_for(reader.readexactly(length), HEAD_TIMEOUT)
+        try:
+            body = json.loads(raw) if raw else {}
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            op, args = _admin_route(method, target, body)
+            result = self.admin(op, **args)
+        except (ValueError, KeyError, TypeError) as e:
+            return _reply(writer, 400, json.dumps({"error": f"bad request: {e}"}), "application/json")
+        except AdminError as e:
+            return _reply(writer, 404, json.dumps({"error": str(e)}), "application/json")
+        _reply(writer, 200, json.dumps(result), "application/json")
+
+    # -- the machine endpoints (called by _Session) ---------------------------------------
+
+    async def machine_request(self, session: _Session, sid: int, path: str, body: bytes) -> None:
+        mkey = "mkey:" + session.noise.machine_key.hex()
+        if self.fault_status is not None:
+            return session.respond(sid, self.fault_status, b"control plane fault injected")
+        try:
+            req = json.loads(body) if body else {}
+            if not isinstance(req, dict):
+                raise ValueError("body is not a JSON object")
+        except ValueError as e:
+            return session.respond(sid, 400, f"bad request: {e}".encode())
+        try:
+            if path == "/machine/register":
+                return await self._register(session, sid, req, mkey)
+            if path == "/machine/map":
+                return self._map(session, sid, req, mkey)
+        except PermissionError as e:
+            self.tailnet.event("request_refused", path=path, reason=str(e))
+            return session.respond(sid, 403, str(e).encode())
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            return session.respond(sid, 400, f"bad request: {e}".encode())
+        session.respond(sid, 200, b"{}", "application/json")
+
+    async def _register(self, session: _Session, sid: int, req: dict[str, Any], mkey: str) -> None:
+        if self.register_status is not None:
+            self.tailnet.event("register_rejected", reason=f"http {self.register_status}")
+            return session.respond(sid, self.register_status, b"invalid key: API key does not exist")
+        result = self.tailnet.register(req, mkey, self.url)
+        if result.wait_followup:
+            await session.closed.wait()  # nobody visits AuthURLs here; hold until the node gives up
+            return
+        session.respond(sid, 200, json.dumps(result.response).encode(), "application/json")
+
+    def _map(self, session: _Session, sid: int, req: dict[str, Any], mkey: str) -> None:
+        node = self.tailnet.map_node(str(req.get("NodeKey", "")), mkey)
+        if node is None:
+            self.tailnet.event("map_rejected", reason="node not found",
+                               node_key=str(req.get("NodeKey", ""))[:16])
+            return session.respond(sid, 404, b"node not found")
+        if self.tailnet.update_from_map(node, req):
+            self._on_change("changed", node)
+        session.start_response(sid, 200, "application/octet-stream")
+        if not req.get("Stream"):  # a "lite" update: one message, then done
+            msg = self._full_map(node, with_peers=not req.get("OmitPeers"))
+            session.send(sid, zstdframe.message(json.dumps(msg).encode()), end=True)
+            return
+        stream = _MapStream(session, sid, node.id)
+        session.streams[sid] = stream
+        stream.send(zstdframe.message(json.dumps(self._full_map(node, True)).encode()))
+        self._stream_started(stream)
+
+
+@dataclass(eq=False)
+class _MapStream:
+    session: _Session
+    sid: int
+    node_id: int
+
+    def send(self, data: bytes) -> None:
+        self.session.send(self.sid, data)
+
+    def end(self) -> None:
+        self.session.end_stream(self.sid)
+
+
+@dataclass(eq=False)
+class _Session:
+    """One Noise connection from one machine, carrying HTTP/2."""
+
+    server: ControlServer
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    noise: noise.Session
+    streams: dict[int, _MapStream] = field(default_factory=dict)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        self.h2 = h2.connection.H2Connection(cfg)
+        self.h2.local_settings = h2.settings.Settings(
+            client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100})
+        self.h2.initiate_connection()
+        self._pending: dict[int, bytearray] = {}
+        self._ending: set[int] = set()
+        self._bodies: dict[int, bytearray] = {}
+        self._paths: dict[int, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flush()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                header = await self.reader.readexactly(3)
+                ct = await self.reader.readexactly(noise.parse_record_header(header))
+                plaintext = self.noise.rx.decrypt(ct)
+                if plaintext:
+                    self._on_events(self.h2.receive_data(plaintext))
+                    self._flush()
+        except h2.exceptions.ProtocolError as e:
+            log.debug("h2 protocol error: %s", e)
+        finally:
+            self.closed.set()
+            for t in list(self._tasks):
+                t.cancel()
+
+    def _on_events(self, events: list[h2.events.Event]) -> None:
+        for ev in events:
+            if isinstance(ev, h2.events.RequestReceived):
+                hdrs = dict(ev.headers)
+                self._paths[ev.stream_id] = str(hdrs.get(":path", ""))
+                self._bodies[ev.stream_id] = bytearray()
+                if ev.stream_ended:
+                    self._dispatch(ev.stream_id)
+            elif isinstance(ev, h2.events.DataReceived):
+                body = self._bodies.get(ev.stream_id)
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                if body is None:
+                    continue
+                body += ev.data
+                if len(body) > MAX_BODY:
+                    self._bodies.pop(ev.stream_id)
+                    self.respond(ev.stream_id, 413, b"request body too large")
+            elif isinstance(ev, h2.events.StreamEnded):
+                if ev.stream_id in self._bodies:
+                    self._dispatch(ev.stream_id)
+            elif isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+                for sid in list(self._pending):
+                    self._pump(sid)
+            elif isinstance(ev, h2.events.StreamReset):
+                self._forget(ev.stream_id)
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                raise asyncio.IncompleteReadError(b"", None)
+
+    def _dispatch(self, sid: int) -> None:
+        body = bytes(self._bodies.pop(sid))
+        path = self._paths.pop(sid, "")
+        task = asyncio.create_task(self._handle(sid, path, body))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, sid: int, path: str, body: bytes) -> None:
+        try:
+            if path.startswith("/machine/"):
+                await self.server.machine_request(self, sid, path, body)
+            else:
+                self.respond(sid, 404, b"not found")
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("request %s failed", path)
+            with contextlib.suppress(Exception):
+                self.respond(sid, 500, b"internal error")
+
+    # -- writing ----------------------------------------------------------------------
+
+    def respond(self, sid: int, status: int, body: bytes, ctype: str = "text/plain") -> None:
+        self.start_response(sid, status, ctype, len(body))
+        self.send(sid, body, end=True)
+
+    def start_response(self, sid: int, status: int, ctype: str, length: int | None = None) -> None:
+        headers = [(":status", str(status)), ("content-type", ctype)]
+        if length is not None:
+            headers.append(("content-length", str(length)))
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.h2.send_headers(sid, headers)
+        self._flush()
+
+    def send(self, sid: int, data: bytes, end: bool = False) -> None:
+        """Queue data on a stream and send what flow control allows now."""
+        if self.closed.is_set():
+            return
+        self._pending.setdefault(sid, bytearray()).extend(data)
+        if end:
+            self._ending.add(sid)
+        self._pump(sid)
+
+    def end_stream(self, sid: int) -> None:
+        self.send(sid, b"", end=True)
+
+    def _pump(self, sid: int) -> None:
+        buf = self._pending.get(sid)
+        if buf is None:
+            return
+        try:
+            while buf:
+                window = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+                if window <= 0:
+                    break
+                chunk = bytes(buf[:window])
+                del buf[:window]
+                self.h2.send_data(sid, chunk)
+            if not buf:
+                del self._pending[sid]
+                if sid in self._ending:
+                    self._ending.discard(sid)
+                    self.h2.end_stream(sid)
+                    self._forget(sid)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            self._forget(sid)
+        self._flush()
+
+    def _forget(self, sid: int) -> None:
+        self._pending.pop(sid, None)
+        self._ending.discard(sid)
+        stream = self.streams.pop(sid, None)
+        if stream is not None:
+            self.server._stream_ended(stream)
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if not data or self.writer.is_closing():
+            return
+        self.writer.write(noise.seal(self.noise.tx, data))
+        if self.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            self.abort()
+
+    def close_streams(self) -> None:
+        for sid in list(self.streams):
+            self._forget(sid)
+
+    def abort(self) -> None:
+        self.closed.set()
+        self.writer.transport.abort()
+
+
+def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ValueError(f"not an HTTP/1 request line: {lines[0][:60]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"malformed header line {line[:60]!r}")
+        headers[name.strip().lower()] = value.strip()
+    return parts[0], parts[1], headers
+
+
+_REASONS = {101: "Switching Protocols", 200: "OK", 204: "No Content", 400: "Bad Request",
+            401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 413: "Payload Too Large",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error"}
+
+
+def _reply(writer: asyncio.StreamWriter, status: int, body: str, ctype: str = "text/plain") -> None:
+    data = body.encode()
+    writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n"
+                 f"Content-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
+                 f"Connection: close\r\n\r\n".encode() + data)
+
+
+def _admin_route(method: str, target: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Map an admin HTTP request to (operation, arguments)."""
+    url = urlsplit(target)
+    parts = [p for p in url.path.split("/") if p][1:]  # drop "admin"
+    query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+    routes = {
+        ("GET", "keys"): "list_keys", ("POST", "keys"): "create_key",
+        ("GET", "nodes"): "list_nodes", ("GET", "events"): "events",
+        ("POST", "fault"): "set_fault",
+    }
+    if len(parts) == 1 and (method, parts[0]) in routes:
+        return routes[(method, parts[0])], {**query, **body}
+    if len(parts) == 3 and method == "POST" and parts[0] in ("keys", "nodes"):
+        op = {("keys", "revoke"): "revoke_key", ("keys", "expire"): "expire_key",
+              ("nodes", "delete"): "delete_node", ("nodes", "expire"): "expire_node"}.get(
+            (parts[0], parts[2]))
+        if op:
+            return op, {"id": parts[1]}
+    raise AdminError(f"no admin route {method} {url.path}")
+
+
+def _node_id(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise AdminError(f"no node {value}") from None
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _opt_status(value: Any) -> int | None:
+    if value is None:
+        return None
+    status = int(value)
+    if not 400 <= status <= 599:
+        raise ValueError(f"fault status must be 4xx or 5xx, not {status}")
+    return status
+
+
+def _read_or_make_token(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        token = secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
