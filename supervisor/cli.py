@@ -161,12 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(ck, config=True)
     ck.set_defaults(func=cmd_check)
 
-    try:
-        from supervisor.control import cli as control_cli
-    except ImportError:
-        control_cli = None
-    if control_cli is not None and hasattr(control_cli, "add_parser"):
-        control_cli.add_parser(sub)
+    from supervisor.control import cli as control_cli
+    control_cli.add_parser(sub)
     return p
 
 

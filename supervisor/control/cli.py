@@ -1,0 +1,159 @@
+"""`ts-supervisor control ...`: run the control standalone, or administer a running one.
+
+The admin commands find the control through its data dir (`endpoint.json`
+for the URL, `admin-token` for the bearer token), so they work the same for
+a standalone control and for the supervisor's embedded one
+(`DATA/control`, the default here).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+class AdminClient:
+    """The admin API over HTTP, for the CLI and for benchmarks in other processes."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+
+    @classmethod
+    def from_data_dir(cls, data_dir: Path) -> "AdminClient":
+        try:
+            url = json.loads((data_dir / "endpoint.json").read_text())["url"]
+            token = (data_dir / "admin-token").read_text().strip()
+        except FileNotFoundError as e:
+            raise ConnectionError(f"no control running with data dir {data_dir} ({e.filename} missing)")
+        return cls(url, token)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + "/admin/" + path, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {self.token}",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            try:
+                reason = json.loads(e.read()).get("error", e.reason)
+            except ValueError:
+                reason = e.reason
+            raise RuntimeError(f"control answered {e.code}: {reason}") from None
+        except urllib.error.URLError as e:
+            raise ConnectionError(f"control at {self.url} unreachable: {e.reason}") from None
+
+    def create_key(self, *, reusable: bool = False, ephemeral: bool = False,
+                   expiry: float | None = 90 * 86400.0, tags: list[str] | None = None) -> dict[str, Any]:
+        return self.call("POST", "keys", {"reusable": reusable, "ephemeral": ephemeral,
+                                          "expiry": expiry, "tags": tags or []})
+
+    def keys(self) -> list[dict[str, Any]]:
+        return self.call("GET", "keys")
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self.call("GET", "nodes")
+
+    def events(self, since: float = 0.0) -> list[dict[str, Any]]:
+        return self.call("GET", f"events?since={since!r}")
+
+    def act(self, kind: str, ident: str | int, verb: str) -> dict[str, Any]:
+        return self.call("POST", f"{kind}/{ident}/{verb}", {})
+
+    def set_fault(self, status: int | None = None, register_status: int | None = None) -> Any:
+        return self.call("POST", "fault", {"status": status, "register_status": register_status})
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from supervisor.control.server import ControlServer
+
+    async def main() -> None:
+        server = ControlServer(args.control_dir, port=args.port,
+                               ephemeral_reap_after=args.reap_after)
+        await server.start()
+        print(f"control listening on {server.url} (data {args.control_dir}); Ctrl-C stops",
+              flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+def _admin(args: argparse.Namespace) -> int:
+    try:
+        client = AdminClient.from_data_dir(args.control_dir)
+        if args.what == "keys":
+            if args.verb == "create":
+                out: Any = client.create_key(reusable=args.reusable, ephemeral=args.ephemeral,
+                                             expiry=args.expiry, tags=args.tag)
+            elif args.verb == "list":
+                out = client.keys()
+            else:
+                out = client.act("keys", args.id, args.verb)
+        elif args.what == "nodes":
+            out = client.nodes() if args.verb == "list" else client.act("nodes", args.id, args.verb)
+        elif args.what == "events":
+            out = client.events(args.since)
+        else:
+            out = client.set_fault(None if args.clear else args.status, args.register_status)
+    except (ConnectionError, RuntimeError) as e:
+        print(f"ts-supervisor control: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    from supervisor.cli import default_data_dir
+
+    p = sub.add_parser("control", help="the embedded control plane: serve it, or administer it")
+    p.add_argument("--control-dir", type=Path, default=default_data_dir() / "control",
+                   help="the control's data dir (default: the supervisor's DATA/control)")
+    csub = p.add_subparsers(dest="what", required=True)
+
+    s = csub.add_parser("serve", help="run a standalone control on loopback")
+    s.add_argument("--port", type=int, default=0)
+    s.add_argument("--reap-after", type=float, default=30.0,
+                   help="seconds after an ephemeral node's map poll ends before it is removed")
+    s.set_defaults(func=_serve)
+
+    keys = csub.add_parser("keys", help="create, list, revoke or expire auth keys")
+    ksub = keys.add_subparsers(dest="verb", required=True)
+    create = ksub.add_parser("create")
+    create.add_argument("--reusable", action="store_true")
+    create.add_argument("--ephemeral", action="store_true")
+    create.add_argument("--expiry", type=float, default=90 * 86400.0, help="seconds")
+    create.add_argument("--tag", action="append", default=[], help="tag:name (repeatable)")
+    ksub.add_parser("list")
+    for verb in ("revoke", "expire"):
+        ksub.add_parser(verb).add_argument("id")
+
+    nodes = csub.add_parser("nodes", help="list, delete or expire nodes")
+    nsub = nodes.add_subparsers(dest="verb", required=True)
+    nsub.add_parser("list")
+    for verb in ("delete", "expire"):
+        nsub.add_parser(verb).add_argument("id")
+
+    ev = csub.add_parser("events", help="the control's decision log (monotonic times)")
+    ev.add_argument("--since", type=float, default=0.0)
+
+    fault = csub.add_parser("fault", help="make /machine/ answer an HTTP error (an outage)")
+    fault.add_argument("--status", type=int)
+    fault.add_argument("--register-status", type=int)
+    fault.add_argument("--clear", action="store_true")
+
+    for sp in (keys, nodes, ev, fault):
+        sp.set_defaults(func=_admin)
