@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable

@@ -8,9 +8,13 @@ they fail: CI must never pass by skipping the tests that matter.
 from __future__ import annotations
 
 import ctypes
+import http.server
 import os
 import signal
 import socket
+import socketserver
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -18,6 +22,8 @@ import pytest
 
 from supervisor import tailscale as ts
 from tests.harness import Node
+
+BODY = b"hello from the local service behind the proxy\n"
 
 pytest_plugins = ["tests.fixtures_control"]
 
@@ -106,3 +112,43 @@ def node_factory(tmp_path: Path, control):
     yield make
     for node in nodes:
         node.kill(signal.SIGTERM)
+
+
+# -- local services for proxies to forward to (threads) ------------------------
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+@pytest.fixture
+def local_http() -> Iterator[int]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def local_echo() -> Iterator[int]:
+    socketserver.ThreadingTCPServer.daemon_threads = True
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()

@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -192,3 +193,51 @@ class Node:
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
+
+
+# -- reaching a tailnet peer through a node's SOCKS5 proxy ---------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def socks5_connect(socks_port: int, ip: str, port: int, timeout: float = 5) -> socket.socket:
+    """CONNECT through a SOCKS5 proxy (RFC 1928, no auth, IPv4 target)."""
+    s = socket.create_connection(("127.0.0.1", socks_port), timeout=timeout)
+    try:
+        s.sendall(b"\x05\x01\x00")
+        assert s.recv(2) == b"\x05\x00", "socks5: no-auth refused"
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(ip) + port.to_bytes(2, "big"))
+        reply = _recv_exact(s, 10)
+        assert reply[1] == 0, f"socks5 CONNECT failed, reply code {reply[1]}"
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+def echo_through(socks_port: int, ip: str, port: int, payload: bytes) -> bytes:
+    with socks5_connect(socks_port, ip, port) as s:
+        s.sendall(payload)
+        return _recv_exact(s, len(payload))
+
+
+def curl_via(socks_port: int, url: str) -> str:
+    out = subprocess.run(["curl", "-sS", "--max-time", "5", "--socks5-hostname",
+                          f"127.0.0.1:{socks_port}", url],
+                         capture_output=True, text=True, timeout=15)
+    assert out.returncode == 0, f"curl {url}: exit {out.returncode}: {out.stderr.strip()}"
+    return out.stdout

@@ -7,65 +7,20 @@ fetches fail, not silently succeed over a direct path.
 """
 from __future__ import annotations
 
-import http.server
-import socket
-import socketserver
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from supervisor import tailscale as ts
 from tests import harness
-from tests.harness import Node, wait_for
+from tests.conftest import BODY
+from tests.harness import Node, curl_via, echo_through, free_port, wait_for
 
 pytestmark = pytest.mark.real
 
-BODY = b"hello from A's local web server\n"
 RELAY_ONLY_PREFIX = "relayonly"
-
-
-# -- local services on A's side (threads) ----------------------------------
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-class _Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
-
-
-@pytest.fixture
-def local_http() -> Iterator[int]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv.server_address[1]
-    srv.shutdown()
-    srv.server_close()
-
-
-@pytest.fixture
-def local_echo() -> Iterator[int]:
-    socketserver.ThreadingTCPServer.daemon_threads = True
-    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv.server_address[1]
-    srv.shutdown()
-    srv.server_close()
 
 
 @pytest.fixture
@@ -84,58 +39,10 @@ def relay_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(harness.ts, "tailscaled_command", command)
 
 
-# -- helpers ---------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_bg(node: Node, *args: str) -> str:
     out = subprocess.run([str(node.bins.tailscale), f"--socket={node.socket}", "serve", "--bg", *args],
                          capture_output=True, text=True, timeout=30, env=ts.cli_env())
     assert out.returncode == 0, f"tailscale serve {args} failed: {out.stderr}{out.stdout}"
-    return out.stdout
-
-
-def socks5_connect(socks_port: int, ip: str, port: int, timeout: float = 5) -> socket.socket:
-    """CONNECT through a SOCKS5 proxy (RFC 1928, no auth, IPv4 target)."""
-    s = socket.create_connection(("127.0.0.1", socks_port), timeout=timeout)
-    try:
-        s.sendall(b"\x05\x01\x00")
-        assert s.recv(2) == b"\x05\x00", "socks5: no-auth refused"
-        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(ip) + port.to_bytes(2, "big"))
-        reply = _recv_exact(s, 10)
-        assert reply[1] == 0, f"socks5 CONNECT failed, reply code {reply[1]}"
-        return s
-    except BaseException:
-        s.close()
-        raise
-
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
-
-
-def echo_through(socks_port: int, ip: str, port: int, payload: bytes) -> bytes:
-    with socks5_connect(socks_port, ip, port) as s:
-        s.sendall(payload)
-        return _recv_exact(s, len(payload))
-
-
-def curl_via(socks_port: int, url: str) -> str:
-    out = subprocess.run(["curl", "-sS", "--max-time", "5", "--socks5-hostname",
-                          f"127.0.0.1:{socks_port}", url],
-                         capture_output=True, text=True, timeout=15)
-    assert out.returncode == 0, f"curl {url}: exit {out.returncode}: {out.stderr.strip()}"
     return out.stdout
 
 

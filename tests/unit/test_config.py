@@ -1,5 +1,4 @@
 """Bad config gets one clear line naming file, key and reason; good files still load."""
-import os
 from pathlib import Path
 
 import pytest

@@ -1,0 +1,197 @@
+"""`ts-supervisor run` as a user runs it: real tailscaled and `tailscale serve`
+children against the project's control, observed through events.jsonl,
+`status --json` and the control's own decision log."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from supervisor.control.cli import AdminClient
+from tests.conftest import BODY
+from tests.harness import Node, curl_via, echo_through, free_port, wait_for
+from tests.supervisor_harness import SupervisorProc
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture
+def sup(tmp_path: Path) -> Iterator[SupervisorProc]:
+    s = SupervisorProc(tmp_path / "conf.d", tmp_path / "data")
+    yield s
+    s.stop()
+
+
+def key_file(tmp_path: Path, control, name: str = "key", **kw: Any) -> tuple[Path, dict[str, Any]]:
+    key = control.create_key(**kw)
+    path = tmp_path / f"{name}.secret"
+    path.write_text(key["secret"] + "\n")
+    return path, key
+
+
+def proxy_on(sup: SupervisorProc, control, name: str, keyfile: Path, port: int = 8080, **kw: Any) -> None:
+    sup.write_proxy(name, hostname=name, target=f"http://127.0.0.1:{port}", serve="http", port=80,
+                    login_server=control.url, auth_key_file=str(keyfile), **kw)
+
+
+def registrations(control, hostname: str, since: float = 0.0) -> list[dict[str, Any]]:
+    return [e for e in control.events(since)
+            if e["kind"] == "register_ok" and e.get("hostname") == hostname]
+
+
+def test_proxies_run_and_a_peer_fetches_their_targets(sup, tmp_path, local_http, local_echo, bins):
+    """End to end on the embedded control (the shipped default): a peer node
+    reaches both proxies' targets through the tailnet."""
+    sup.write_proxy("web", hostname="web", target=f"http://127.0.0.1:{local_http}", serve="http",
+                    port=80, login_server="embedded")
+    sup.write_proxy("shell", hostname="shell", target=f"tcp://127.0.0.1:{local_echo}", serve="tcp",
+                    port=2222, login_server="embedded")
+    sup.start()
+    sup.wait_state("web", "running")
+    sup.wait_state("shell", "running")
+
+    status = sup.status()
+    assert {status[n]["state"] for n in ("web", "shell")} == {"running"}
+    shell_ip = next(ip for ip in status["shell"]["tailscale_ips"] if "." in ip)
+    assert status["web"]["dns_name"] == "web.tailnet.test"
+
+    admin = AdminClient.from_data_dir(sup.data_dir / "control")
+    socks = free_port()
+    peer = Node(bins=bins, statedir=tmp_path / "peer",
+                control_url=admin.url, socks5_port=socks)
+    try:
+        peer.start()
+        peer.up(admin.create_key()["secret"], "peer")
+        wait_for(lambda: curl_via(socks, "http://web.tailnet.test/") == BODY.decode(), 20,
+                 "peer to fetch the web proxy's target")
+        payload = b"through the shell proxy " * 50
+        assert wait_for(lambda: echo_through(socks, shell_ip, 2222, payload), 10,
+                        "TCP through the shell proxy") == payload
+    finally:
+        peer.kill()
+
+
+def test_deleted_node_recovers_exactly_once(sup, control, tmp_path):
+    path, _ = key_file(tmp_path, control, reusable=True)
+    proxy_on(sup, control, "app", path)
+    sup.start()
+    sup.wait_state("app", "running")
+    old = control.node_named("app")
+    t0 = time.monotonic()
+    control.admin("delete_node", id=old["id"])
+
+    n = len(sup.events())
+    sup.wait_state("app", "recovering", 10, after=n)
+    ev = sup.wait_state("app", "running", 30, after=n)
+    assert "node not found" in sup.status()["app"]["last_error"]
+    assert sup.status()["app"]["recoveries"] == 1
+    assert len(registrations(control, "app", since=t0)) == 1
+    assert control.node_named("app")["id"] != old["id"]
+    assert ev["detail"]["ips"]
+
+
+def test_ephemeral_node_reaped_after_kill9_of_tailscaled_recovers_once(sup, control, tmp_path):
+    path, _ = key_file(tmp_path, control, reusable=True, ephemeral=True)
+    proxy_on(sup, control, "eph", path, ephemeral=True)
+    sup.start()
+    sup.wait_state("eph", "running")
+    nid = control.node_named("eph")["id"]
+    pid = sup.status()["eph"]["pid"]
+    n = len(sup.events())
+    os.kill(pid, signal.SIGKILL)  # a hard crash: the control reaps the node
+    control.wait_event(lambda e: e["kind"] == "node_reaped" and e["node"] == nid, 10, "reap")
+    sup.wait_state("eph", "recovering", 20, after=n)
+    sup.wait_state("eph", "running", 30, after=n)
+    st = sup.status()["eph"]
+    assert st["recoveries"] == 1 and st["restarts"] == 1
+    assert st["pid"] != pid
+
+
+def test_supervisor_kill9_while_node_deleted_recovers_once_on_restart(sup, control, tmp_path):
+    path, _ = key_file(tmp_path, control, reusable=True)
+    proxy_on(sup, control, "app", path)
+    sup.start()
+    sup.wait_state("app", "running")
+    tailscaled = psutil.Process(sup.status()["app"]["pid"])
+    sup.kill9()
+    tailscaled.wait(10)  # the parent-death pipe takes the children down with it
+    control.admin("delete_node", id=control.node_named("app")["id"])
+
+    n = len(sup.events())
+    sup.start()
+    sup.wait_state("app", "running", 30, after=n)
+    kinds = [(e["event"], e["state"]) for e in sup.events()[n:] if e["proxy"] == "app"]
+    assert kinds.count(("recovering", "recovering")) == 1, kinds
+    assert sup.status()["app"]["recoveries"] == 1
+
+
+def test_revoked_key_and_deleted_node_relaunch_once_then_failed(sup, control, tmp_path):
+    path, key = key_file(tmp_path, control, reusable=True)
+    proxy_on(sup, control, "doomed", path)
+    sup.start()
+    sup.wait_state("doomed", "running")
+    control.admin("revoke_key", id=key["id"])
+    control.admin("delete_node", id=control.node_named("doomed")["id"])
+    failed = sup.wait_state("doomed", "failed", 30)
+    assert "invalid key" in failed["reason"]
+    st = sup.status()["doomed"]
+    assert st["state"] == "failed" and st["recoveries"] == 1 and st["pid"] is None
+    assert "invalid key" in st["last_error"]
+    assert not [p for p in sup.children() if "tailscale" in p.name()]
+
+    # Absence over a window: nothing registers from this proxy after `failed`.
+    t_failed = time.monotonic()
+    time.sleep(5)
+    late = [e for e in control.events(t_failed) if e["kind"].startswith("register")]
+    assert late == []
+
+
+def test_control_outage_wipes_nothing_and_proxies_come_back(sup, control, tmp_path):
+    path, _ = key_file(tmp_path, control, reusable=True)
+    proxy_on(sup, control, "steady", path)
+    sup.start()
+    sup.wait_state("steady", "running")
+    before = sup.status()["steady"]
+    state_file = sup.data_dir / "proxies" / "steady" / "state" / "tailscaled.state"
+    assert state_file.exists()
+    node = control.node_named("steady")
+    n = len(sup.events())
+
+    control.stop()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the outage: watch that nothing is wiped meanwhile
+        assert sup.status()["steady"]["state"] == "running"
+        assert state_file.exists()
+        time.sleep(0.5)
+    t_back = time.monotonic()
+    control.start()
+    control.wait_event(lambda e: e["kind"] == "map_started" and e["node"] == node["id"], 60,
+                       "the node's map poll to come back", since=t_back)
+    after = sup.status()["steady"]
+    assert after["state"] == "running"
+    assert after["recoveries"] == 0 and after["restarts"] == 0
+    assert after["tailscale_ips"] == before["tailscale_ips"] and after["pid"] == before["pid"]
+    assert not [e for e in sup.events()[n:] if e["event"] in ("recovering", "wiped")]
+    assert registrations(control, "steady", since=t_back) == []
+
+
+def test_secrets_never_leave_the_key_file(sup, control, tmp_path):
+    path, key = key_file(tmp_path, control)
+    proxy_on(sup, control, "quiet", path)
+    sup.start()
+    sup.wait_state("quiet", "running")
+    secret = key["secret"]
+    out = sup.cli("status", "--data-dir", str(sup.data_dir), "--json")
+    assert out.returncode == 0 and secret not in out.stdout
+    for f in sup.data_dir.rglob("*"):
+        if f.is_file() and f.suffix != ".sock" and not f.name.startswith("tailscaled.state"):
+            assert secret.encode() not in f.read_bytes(), f
+    assert secret not in sup.text()
+    for p in [sup.proc and psutil.Process(sup.proc.pid), *sup.children()]:
+        assert p and secret not in " ".join(p.cmdline())
