@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (LockedError, BinaryNotFound) as e:
         _err(str(e))
         return EXIT_ERROR
-    except PermissionError as e:
+    except OSError as e:  # unwritable, read-only or full data dir: one line, no traceback
         _err(f"data dir {args.data_dir}: {e.strerror}: {e.filename}")
         return EXIT_ERROR
     return EXIT_OK
@@ -111,7 +111,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                            recoveries=p["recoveries"], last_error=p["last_error"],
                            since=datetime.fromisoformat(p["since"]).timestamp())
              for p in answer["proxies"]]
-    Console().print(render(snaps, errors=answer.get("config_errors", [])))
+    console = Console()
+    console.print(render(snaps, errors=answer.get("config_errors", []), width=console.width))
     return EXIT_OK
 
 
