@@ -77,11 +77,14 @@ def test_proxies_run_and_a_peer_fetches_their_targets(sup, tmp_path, local_http,
         peer.kill()
 
 
-def test_deleted_node_recovers_exactly_once(sup, control, tmp_path):
+def test_deleted_node_recovers_exactly_once(sup, control, tmp_path, any_bins):
+    """Also with the older release a NAS package may ship, named in settings."""
+    sup.settings.update(tailscale=str(any_bins.tailscale), tailscaled=str(any_bins.tailscaled))
     path, _ = key_file(tmp_path, control, reusable=True)
     proxy_on(sup, control, "app", path)
     sup.start()
     sup.wait_state("app", "running")
+    assert psutil.Process(sup.status()["app"]["pid"]).exe() == str(any_bins.tailscaled)
     old = control.node_named("app")
     t0 = time.monotonic()
     control.admin("delete_node", id=old["id"])
