@@ -50,7 +50,8 @@ def human_bytes(n: int) -> str:
 Usage = Mapping[str, tuple[float, int]]  # proxy name -> (CPU %, RSS bytes)
 
 
-WIDE = 110  # below this, pid and CPU/RSS give their room to the error text
+WIDE = 130  # below this, facts share cells; below MEDIUM, pid and CPU/RSS give way to the error
+MEDIUM = 96
 
 
 def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: float | None = None,
@@ -62,21 +63,24 @@ def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: floa
     now = time.time() if now is None else now
     usage = usage or {}
     wide = width >= WIDE
+    medium = not wide and width >= MEDIUM
     t = Table(title="ts-supervisor", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
               padding=(0, 1), expand=False)
     t.add_column("proxy / DNS name", no_wrap=True, max_width=30 if wide else 22)
     if wide:
         for col in ("state", "tailnet IP"):
             t.add_column(col, no_wrap=True)
-        t.add_column("target", overflow="fold", max_width=28)
+        t.add_column("target", no_wrap=True, overflow="ellipsis", max_width=28)
         t.add_column("pid", justify="right", no_wrap=True)
         t.add_column("cpu rss", justify="right", no_wrap=True)
         t.add_column("up", justify="right", no_wrap=True)
         t.add_column("rst/rec", justify="right", no_wrap=True)
-        t.add_column("last error", overflow="fold", min_width=12, ratio=1)
+        t.add_column("last error", overflow="fold", min_width=24, ratio=1)
     else:  # 80 columns: the error goes under the state, counts under uptime
         t.add_column("state / last error", overflow="fold", ratio=1)
         t.add_column("tailnet IP / target", no_wrap=True, max_width=21)
+        if medium:
+            t.add_column("pid / cpu rss", justify="right", no_wrap=True)
         t.add_column("up r/r", justify="right", no_wrap=True)
     for s in snaps:
         cpu, rss = usage.get(s.name, (None, None))
@@ -97,7 +101,10 @@ def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: floa
         else:
             if s.last_error:
                 state.append(f"\n{redact(s.last_error)}", style=error_style)
-            t.add_row(name, state, Text(ip4 or "-").append(f"\n{target}", style="dim"), f"{up}\n{counts}")
+            cells = [name, state, Text(ip4 or "-").append(f"\n{target}", style="dim")]
+            if medium:
+                cells.append(f"{s.pid or '-'}\n{res}")
+            t.add_row(*cells, f"{up}\n{counts}")
     parts: list = [t]
     for e in errors:
         parts.append(Text(f"config error: {redact(e)}", style="red"))

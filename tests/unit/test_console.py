@@ -69,3 +69,18 @@ def test_state_colours():
 
 def test_durations():
     assert [human_duration(s) for s in (5, 65, 3700, 90000)] == ["5s", "1m05s", "1h01m", "1d01h"]
+
+
+def test_every_width_keeps_targets_whole_and_medium_shows_pid_and_rss():
+    s = [snap("homeassistant", "running", pid=4242, tailscale_ips=("100.64.0.2",),
+              target="http://127.0.0.1:8123", dns_name="homeassistant.tailnet.test"),
+         snap("nas-ssh", "failed", target="tcp://127.0.0.1:22", recoveries=1,
+              last_error="tailscale up: invalid key: API key k0001 not valid")]
+    usage = {"homeassistant": (0.5, 50 * 2**20)}
+    for width in (80, 110, 140):
+        out = text(render(s, usage, now=NOW, width=width), width=width)
+        assert max(len(line) for line in out.splitlines()) <= width
+        assert "127.0.0.1:8123" in out and "tcp 127.0.0.1:22" in out, out
+        assert {"invalid", "key:", "k0001", "valid"} <= set(out.split())  # wrapped, never cut
+        if width >= 96:
+            assert "4242" in out and "50.0M" in out, out
