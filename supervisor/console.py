@@ -66,7 +66,7 @@ def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: floa
     medium = not wide and width >= MEDIUM
     t = Table(title="ts-supervisor", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
               padding=(0, 1), expand=False)
-    t.add_column("proxy / DNS name", no_wrap=True, max_width=30 if wide else 22)
+    t.add_column("proxy / DNS name", no_wrap=True, max_width=30 if wide else 26 if medium else 22)
     if wide:
         for col in ("state", "tailnet IP"):
             t.add_column(col, no_wrap=True)

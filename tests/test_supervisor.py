@@ -198,3 +198,23 @@ def test_secrets_never_leave_the_key_file(sup, control, tmp_path):
     assert secret not in sup.text()
     for p in [sup.proc and psutil.Process(sup.proc.pid), *sup.children()]:
         assert p and secret not in " ".join(p.cmdline())
+
+
+def test_restarted_supervisor_keeps_embedded_nodes_without_new_logins(sup):
+    """The embedded control keeps its key, nodes and port, so a warm restart
+    (a NAS reboot) brings the same nodes back: same addresses, no wipe."""
+    sup.write_proxy("web", hostname="web", target="http://127.0.0.1:9", serve="http", port=80,
+                    login_server="embedded")
+    sup.start()
+    sup.wait_state("web", "running")
+    before = sup.status()["web"]
+    assert sup.stop() == 0
+
+    n = len(sup.events())
+    sup.start()
+    sup.wait_state("web", "running", after=n)
+    after = sup.status()["web"]
+    assert after["tailscale_ips"] == before["tailscale_ips"]
+    assert after["recoveries"] == 0
+    nodes = AdminClient.from_data_dir(sup.data_dir / "control").nodes()
+    assert [x["hostname"] for x in nodes] == ["web"]

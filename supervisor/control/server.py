@@ -92,13 +92,27 @@ class ControlServer:
         self._private = bytes.fromhex(self.tailnet.server_private)
         self.admin_token = _read_or_make_token(self.data_dir / "admin-token")
         await self.stun.start(self.host)
-        self._server = await asyncio.start_server(self._on_connection, self.host, self.port,
-                                                  limit=MAX_HEAD * 2)
+        self._server = await self._listen()
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.port != self.tailnet.port:
+            self.tailnet.port = self.port
+            self.tailnet.save()
         self._keepalive_task = asyncio.create_task(self._keepalives())
         endpoint = self.data_dir / "endpoint.json"
         endpoint.write_text(json.dumps({"url": self.url, "pid": os.getpid()}))
         self.tailnet.event("control_started", url=self.url)
+
+    async def _listen(self) -> asyncio.Server:
+        """The configured port, else the one used last time (nodes remember it), else any."""
+        async def listen(port: int) -> asyncio.Server:
+            return await asyncio.start_server(self._on_connection, self.host, port, limit=MAX_HEAD * 2)
+        if self.port or not self.tailnet.port:
+            return await listen(self.port)
+        try:
+            return await listen(self.tailnet.port)
+        except OSError as e:
+            self.tailnet.event("control_port_changed", reason=f"port {self.tailnet.port}: {e.strerror}")
+            return await listen(0)
 
     async def stop(self) -> None:
         """Close everything: listeners, sessions (nodes see the control vanish), DERP, STUN."""

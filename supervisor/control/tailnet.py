@@ -151,6 +151,7 @@ class Tailnet:
         self.next_node_id = 1
         self.next_key_id = 1
         self.server_private = ""  # hex; the control's Noise key survives restarts
+        self.port = 0  # and so does its port: nodes keep the login URL in their state
         self.events: deque[dict[str, Any]] = deque(maxlen=20000)
         self._load()
 
@@ -164,6 +165,7 @@ class Tailnet:
         except (OSError, ValueError) as e:
             raise ValueError(f"{self.path}: cannot read control state: {e}") from None
         self.server_private = raw.get("server_private", "")
+        self.port = int(raw.get("port", 0))
         self.next_node_id = raw.get("next_node_id", 1)
         self.next_key_id = raw.get("next_key_id", 1)
         for k in raw.get("keys", []):
@@ -174,7 +176,7 @@ class Tailnet:
             self.by_node_key[node.node_key] = node
 
     def save(self) -> None:
-        data = {"server_private": self.server_private, "next_node_id": self.next_node_id,
+        data = {"server_private": self.server_private, "port": self.port, "next_node_id": self.next_node_id,
                 "next_key_id": self.next_key_id,
                 "keys": [asdict(k) for k in self.keys.values()],
                 "nodes": [asdict(n) for n in self.nodes.values()]}
