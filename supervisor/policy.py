@@ -78,7 +78,8 @@ def from_exit(returncode: int | None, tail: list[str]) -> Verdict:
     reporting health, so the stderr tail decides between corrupt state and crash."""
     for line in reversed(tail):
         if _STATE_STORE.search(line):
-            return Verdict(Signal.CORRUPT_STATE, _short(line.split(" ", 2)[-1]))
+            return Verdict(Signal.CORRUPT_STATE,
+                           "state file unreadable: " + _short(line.split(" ", 2)[-1]))
     last = next((l for l in reversed(tail) if l.strip()), "")
     detail = f": {_short(last.split(' ', 2)[-1], 160)}" if last else ""
     return Verdict(Signal.CRASH, f"tailscaled exited with status {returncode}{detail}")

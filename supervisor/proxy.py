@@ -457,10 +457,24 @@ class Proxy:
                 if self._log:
                     self._log.write(f"[serve] {line}")
         rc = await child.proc.wait()
+        if not L.stopping and await self._tailscaled_exits(L):
+            return  # serve only lost its tailscaled; that exit is the one to report
         if not L.stopping:
             last = tail[-1] if tail else ""
             self.post(L, Verdict(Signal.SERVE_CRASH, redact(f"tailscale serve exited with status {rc}"
                                                             + (f": {last}" if last else ""))))
+
+    @staticmethod
+    async def _tailscaled_exits(L: Launch, grace: float = 1.0) -> bool:
+        """Did tailscaled die too? serve exits first when tailscaled is killed, and
+        one death must count as one restart, not a serve crash plus a crash."""
+        if L.tailscaled is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(L.tailscaled.proc.wait()), grace)
+            return True
+        except TimeoutError:
+            return False
 
     async def _serve_ready(self, L: Launch, api: ts.LocalAPI, timeout: float = 15.0) -> bool:
         """Running means the serve config is really in place, not just spawned."""

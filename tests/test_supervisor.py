@@ -218,3 +218,112 @@ def test_restarted_supervisor_keeps_embedded_nodes_without_new_logins(sup):
     assert after["recoveries"] == 0
     nodes = AdminClient.from_data_dir(sup.data_dir / "control").nodes()
     assert [x["hostname"] for x in nodes] == ["web"]
+
+
+@pytest.mark.parametrize("version,content", [("1.96.4", b""), ("1.96.4", b'{"_machinekey'),
+                                             ("1.78.1", b'{"_machinekey')],
+                         ids=["ts1.96.4-zero-byte", "ts1.96.4-truncated", "ts1.78.1-truncated"])
+def test_corrupt_state_file_is_wiped_once(sup, control, tmp_path, version, content):
+    """A power loss leaves tailscaled.state empty or cut short (tailscale#20515)."""
+    from supervisor import tailscale as ts
+    bins = ts.Binaries.locate(version=version)
+    sup.settings.update(tailscale=str(bins.tailscale), tailscaled=str(bins.tailscaled))
+    path, _ = key_file(tmp_path, control, reusable=True)
+    proxy_on(sup, control, "app", path)
+    sup.start()
+    sup.wait_state("app", "running")
+    assert sup.stop() == 0
+    state = sup.data_dir / "proxies" / "app" / "state" / "tailscaled.state"
+    state.write_bytes(content)
+
+    n = len(sup.events())
+    sup.start()
+    rec = sup.wait_state("app", "recovering", 30, after=n)
+    assert "state" in rec["reason"].lower()
+    sup.wait_state("app", "running", 30, after=n)
+    assert sup.status()["app"]["recoveries"] == 1
+
+
+def test_expired_node_key_reauthenticates_in_place(sup, control, tmp_path):
+    path, _ = key_file(tmp_path, control, reusable=True)
+    proxy_on(sup, control, "aging", path)
+    sup.start()
+    sup.wait_state("aging", "running")
+    before = sup.status()["aging"]
+    node = control.node_named("aging")
+    n = len(sup.events())
+    control.admin("expire_node", id=node["id"])
+    ev = sup.wait_state("aging", "recovering", 10, after=n)
+    assert ev["event"] == "reauthenticating"
+    sup.wait_state("aging", "running", 30, after=n)
+    after = sup.status()["aging"]
+    assert after["tailscale_ips"] == before["tailscale_ips"]  # same node, same address
+    assert control.node_named("aging")["id"] == node["id"] and not control.node_named("aging")["expired"]
+    assert not [e for e in sup.events()[n:] if e["event"] == "wiped"]
+
+
+def test_register_rejected_by_http_401_relaunches_once_then_failed(sup, control, tmp_path):
+    """facts §4f: no ErrMessage, only the login-state health text."""
+    path, _ = key_file(tmp_path, control, reusable=True)
+    proxy_on(sup, control, "app", path)
+    sup.start()
+    sup.wait_state("app", "running")
+    control.admin("set_fault", register_status=401)
+    control.admin("delete_node", id=control.node_named("app")["id"])
+    failed = sup.wait_state("app", "failed", 60)
+    assert "http 401" in failed["reason"]
+    assert sup.status()["app"]["recoveries"] == 1
+
+
+def test_crashing_tailscaled_backs_off_then_fails_at_the_start_limit(sup, control, tmp_path):
+    sup.settings.update(start_limit=3, start_window=120)
+    path, _ = key_file(tmp_path, control, reusable=True)
+    proxy_on(sup, control, "flaky", path)
+    sup.start()
+    n = 0
+    for i in range(4):
+        sup.wait_state("flaky", "running", 30, after=n)
+        n = len(sup.events())
+        os.kill(sup.status()["flaky"]["pid"], signal.SIGKILL)
+        if i < 3:
+            sup.wait_state("flaky", "backoff", 10, after=n)
+    failed = sup.wait_state("flaky", "failed", 10, after=n)
+    assert "start_limit" == failed["event"]
+    st = sup.status()["flaky"]
+    assert st["restarts"] == 3 and st["recoveries"] == 0 and st["pid"] is None
+
+
+def _serve_pid(sup: SupervisorProc) -> int:
+    return next(p.pid for p in sup.children() if "serve" in p.cmdline())
+
+
+def test_killed_serve_is_restarted_alone(sup, control, tmp_path):
+    path, _ = key_file(tmp_path, control, reusable=True)
+    proxy_on(sup, control, "app", path)
+    sup.start()
+    sup.wait_state("app", "running")
+    tailscaled = sup.status()["app"]["pid"]
+    serve = _serve_pid(sup)
+    n = len(sup.events())
+    os.kill(serve, signal.SIGKILL)
+    sup.wait_event(lambda e: e["proxy"] == "app" and e["event"] == "serve_restarted", 10,
+                   "serve restart", after=n)
+    wait_for(lambda: _serve_pid(sup) != serve, 10, "a new serve")
+    assert sup.status()["app"]["pid"] == tailscaled
+    assert sup.status()["app"]["state"] == "running"
+
+
+def test_hung_tailscaled_is_restarted(sup, control, tmp_path):
+    sup.settings.update(hang_timeout=1.0)
+    path, _ = key_file(tmp_path, control, reusable=True)
+    proxy_on(sup, control, "app", path)
+    sup.start()
+    sup.wait_state("app", "running")
+    pid = sup.status()["app"]["pid"]
+    n = len(sup.events())
+    os.kill(pid, signal.SIGSTOP)
+    ev = sup.wait_state("app", "backoff", 15, after=n)
+    assert "did not answer" in ev["reason"]
+    sup.wait_state("app", "running", 30, after=n)
+    assert sup.status()["app"]["pid"] != pid
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

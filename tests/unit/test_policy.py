@@ -59,7 +59,8 @@ def test_ordinary_stderr_is_ignored():
 
 def test_exit_with_unreadable_state_is_corrupt_state_1_78():
     tail = ["2026/11/25 03:42:17 link state: ...", "2026/11/25 03:42:17 getLocalBackend error: store.New: unexpected end of JSON input"]
-    assert policy.from_exit(1, tail).signal is Signal.CORRUPT_STATE
+    v = policy.from_exit(1, tail)
+    assert v.signal is Signal.CORRUPT_STATE and v.reason.startswith("state file unreadable: ")
 
 
 def test_other_exit_is_a_crash_with_its_last_line():
