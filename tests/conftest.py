@@ -22,6 +22,7 @@ import pytest
 
 from supervisor import tailscale as ts
 from tests.harness import Node
+from tests.supervisor_harness import SupervisorProc
 
 BODY = b"hello from the local service behind the proxy\n"
 
@@ -80,6 +81,14 @@ def no_leaked_processes():
         except psutil.Error:
             pass
     assert not leaked, "test left processes running:\n" + "\n".join(leaked)
+
+
+@pytest.fixture
+def sup(tmp_path: Path) -> Iterator[SupervisorProc]:
+    """A `ts-supervisor run` child on tmp_path/conf.d and tmp_path/data, stopped at teardown."""
+    s = SupervisorProc(tmp_path / "conf.d", tmp_path / "data")
+    yield s
+    s.stop()
 
 
 @pytest.fixture(scope="session")

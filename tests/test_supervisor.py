@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,6 @@ from tests.supervisor_harness import SupervisorProc
 pytestmark = pytest.mark.real
 
 
-@pytest.fixture
-def sup(tmp_path: Path) -> Iterator[SupervisorProc]:
-    s = SupervisorProc(tmp_path / "conf.d", tmp_path / "data")
-    yield s
-    s.stop()
-
-
 def key_file(tmp_path: Path, control, name: str = "key", **kw: Any) -> tuple[Path, dict[str, Any]]:
     key = control.create_key(**kw)
     path = tmp_path / f"{name}.secret"
@@ -38,6 +30,17 @@ def key_file(tmp_path: Path, control, name: str = "key", **kw: Any) -> tuple[Pat
 def proxy_on(sup: SupervisorProc, control, name: str, keyfile: Path, port: int = 8080, **kw: Any) -> None:
     sup.write_proxy(name, hostname=name, target=f"http://127.0.0.1:{port}", serve="http", port=80,
                     login_server=control.url, auth_key_file=str(keyfile), **kw)
+
+
+def run_proxy(sup: SupervisorProc, control, tmp_path: Path, name: str,
+              proxy: dict[str, Any] | None = None, **key_kw: Any) -> dict[str, Any]:
+    """One proxy on the test control with its own key file, supervisor started,
+    proxy running. Returns the key (id and secret)."""
+    path, key = key_file(tmp_path, control, name, **key_kw)
+    proxy_on(sup, control, name, path, **(proxy or {}))
+    sup.start()
+    sup.wait_state(name, "running")
+    return key
 
 
 def registrations(control, hostname: str, since: float = 0.0) -> list[dict[str, Any]]:
@@ -80,10 +83,7 @@ def test_proxies_run_and_a_peer_fetches_their_targets(sup, tmp_path, local_http,
 def test_deleted_node_recovers_exactly_once(sup, control, tmp_path, any_bins):
     """Also with the older release a NAS package may ship, named in settings."""
     sup.settings.update(tailscale=str(any_bins.tailscale), tailscaled=str(any_bins.tailscaled))
-    path, _ = key_file(tmp_path, control, reusable=True)
-    proxy_on(sup, control, "app", path)
-    sup.start()
-    sup.wait_state("app", "running")
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
     assert psutil.Process(sup.status()["app"]["pid"]).exe() == str(any_bins.tailscaled)
     old = control.node_named("app")
     t0 = time.monotonic()
@@ -100,10 +100,7 @@ def test_deleted_node_recovers_exactly_once(sup, control, tmp_path, any_bins):
 
 
 def test_ephemeral_node_reaped_after_kill9_of_tailscaled_recovers_once(sup, control, tmp_path):
-    path, _ = key_file(tmp_path, control, reusable=True, ephemeral=True)
-    proxy_on(sup, control, "eph", path, ephemeral=True)
-    sup.start()
-    sup.wait_state("eph", "running")
+    run_proxy(sup, control, tmp_path, "eph", reusable=True, ephemeral=True, proxy={"ephemeral": True})
     nid = control.node_named("eph")["id"]
     pid = sup.status()["eph"]["pid"]
     n = len(sup.events())
@@ -117,10 +114,7 @@ def test_ephemeral_node_reaped_after_kill9_of_tailscaled_recovers_once(sup, cont
 
 
 def test_supervisor_kill9_while_node_deleted_recovers_once_on_restart(sup, control, tmp_path):
-    path, _ = key_file(tmp_path, control, reusable=True)
-    proxy_on(sup, control, "app", path)
-    sup.start()
-    sup.wait_state("app", "running")
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
     tailscaled = psutil.Process(sup.status()["app"]["pid"])
     sup.kill9()
     tailscaled.wait(10)  # the parent-death pipe takes the children down with it
@@ -135,10 +129,7 @@ def test_supervisor_kill9_while_node_deleted_recovers_once_on_restart(sup, contr
 
 
 def test_revoked_key_and_deleted_node_relaunch_once_then_failed(sup, control, tmp_path):
-    path, key = key_file(tmp_path, control, reusable=True)
-    proxy_on(sup, control, "doomed", path)
-    sup.start()
-    sup.wait_state("doomed", "running")
+    key = run_proxy(sup, control, tmp_path, "doomed", reusable=True)
     control.admin("revoke_key", id=key["id"])
     control.admin("delete_node", id=control.node_named("doomed")["id"])
     failed = sup.wait_state("doomed", "failed", 30)
@@ -156,10 +147,7 @@ def test_revoked_key_and_deleted_node_relaunch_once_then_failed(sup, control, tm
 
 
 def test_control_outage_wipes_nothing_and_proxies_come_back(sup, control, tmp_path):
-    path, _ = key_file(tmp_path, control, reusable=True)
-    proxy_on(sup, control, "steady", path)
-    sup.start()
-    sup.wait_state("steady", "running")
+    run_proxy(sup, control, tmp_path, "steady", reusable=True)
     before = sup.status()["steady"]
     state_file = sup.data_dir / "proxies" / "steady" / "state" / "tailscaled.state"
     assert state_file.exists()
@@ -185,10 +173,7 @@ def test_control_outage_wipes_nothing_and_proxies_come_back(sup, control, tmp_pa
 
 
 def test_secrets_never_leave_the_key_file(sup, control, tmp_path):
-    path, key = key_file(tmp_path, control)
-    proxy_on(sup, control, "quiet", path)
-    sup.start()
-    sup.wait_state("quiet", "running")
+    key = run_proxy(sup, control, tmp_path, "quiet")
     secret = key["secret"]
     out = sup.cli("status", "--data-dir", str(sup.data_dir), "--json")
     assert out.returncode == 0 and secret not in out.stdout
@@ -228,10 +213,7 @@ def test_corrupt_state_file_is_wiped_once(sup, control, tmp_path, version, conte
     from supervisor import tailscale as ts
     bins = ts.Binaries.locate(version=version)
     sup.settings.update(tailscale=str(bins.tailscale), tailscaled=str(bins.tailscaled))
-    path, _ = key_file(tmp_path, control, reusable=True)
-    proxy_on(sup, control, "app", path)
-    sup.start()
-    sup.wait_state("app", "running")
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
     assert sup.stop() == 0
     state = sup.data_dir / "proxies" / "app" / "state" / "tailscaled.state"
     state.write_bytes(content)
@@ -245,10 +227,7 @@ def test_corrupt_state_file_is_wiped_once(sup, control, tmp_path, version, conte
 
 
 def test_expired_node_key_reauthenticates_in_place(sup, control, tmp_path):
-    path, _ = key_file(tmp_path, control, reusable=True)
-    proxy_on(sup, control, "aging", path)
-    sup.start()
-    sup.wait_state("aging", "running")
+    run_proxy(sup, control, tmp_path, "aging", reusable=True)
     before = sup.status()["aging"]
     node = control.node_named("aging")
     n = len(sup.events())
@@ -264,10 +243,7 @@ def test_expired_node_key_reauthenticates_in_place(sup, control, tmp_path):
 
 def test_register_rejected_by_http_401_relaunches_once_then_failed(sup, control, tmp_path):
     """facts §4f: no ErrMessage, only the login-state health text."""
-    path, _ = key_file(tmp_path, control, reusable=True)
-    proxy_on(sup, control, "app", path)
-    sup.start()
-    sup.wait_state("app", "running")
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
     control.admin("set_fault", register_status=401)
     control.admin("delete_node", id=control.node_named("app")["id"])
     failed = sup.wait_state("app", "failed", 60)
@@ -298,10 +274,7 @@ def _serve_pid(sup: SupervisorProc) -> int:
 
 
 def test_killed_serve_is_restarted_alone(sup, control, tmp_path):
-    path, _ = key_file(tmp_path, control, reusable=True)
-    proxy_on(sup, control, "app", path)
-    sup.start()
-    sup.wait_state("app", "running")
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
     tailscaled = sup.status()["app"]["pid"]
     serve = _serve_pid(sup)
     n = len(sup.events())
@@ -315,10 +288,7 @@ def test_killed_serve_is_restarted_alone(sup, control, tmp_path):
 
 def test_hung_tailscaled_is_restarted(sup, control, tmp_path):
     sup.settings.update(hang_timeout=1.0)
-    path, _ = key_file(tmp_path, control, reusable=True)
-    proxy_on(sup, control, "app", path)
-    sup.start()
-    sup.wait_state("app", "running")
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
     pid = sup.status()["app"]["pid"]
     n = len(sup.events())
     os.kill(pid, signal.SIGSTOP)

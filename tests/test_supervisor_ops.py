@@ -6,25 +6,16 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.fixtures_control import ControlThread
 from tests.harness import wait_for
-from tests.supervisor_harness import ROOT, SupervisorProc
-from tests.test_supervisor import key_file, proxy_on
+from tests.supervisor_harness import ROOT
+from tests.test_supervisor import key_file, proxy_on, run_proxy
 
 pytestmark = pytest.mark.real
-
-
-@pytest.fixture
-def sup(tmp_path: Path) -> Iterator[SupervisorProc]:
-    s = SupervisorProc(tmp_path / "conf.d", tmp_path / "data")
-    yield s
-    s.stop()
 
 
 def test_bad_config_gets_one_line_each_and_good_proxies_run(sup, control, tmp_path):
@@ -90,10 +81,7 @@ def test_reload_starts_new_stops_removed_restarts_changed_and_leaves_the_rest(su
 
 
 def test_orphans_of_a_killed_supervisor_are_stopped_and_nothing_else(sup, control, tmp_path):
-    path, _ = key_file(tmp_path, control, reusable=True)
-    proxy_on(sup, control, "app", path)
-    sup.start()
-    sup.wait_state("app", "running")
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
     orphan = psutil.Process(sup.status()["app"]["pid"])
     orphan.suspend()  # a stopped tailscaled cannot notice its parent dying
     decoy = subprocess.Popen(["sleep", "300"], start_new_session=True)
@@ -118,10 +106,7 @@ def test_orphans_of_a_killed_supervisor_are_stopped_and_nothing_else(sup, contro
 
 
 def test_second_supervisor_on_same_data_dir_is_refused(sup, control, tmp_path):
-    path, _ = key_file(tmp_path, control, reusable=True)
-    proxy_on(sup, control, "app", path)
-    sup.start()
-    sup.wait_state("app", "running")
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
     pid = sup.status()["app"]["pid"]
     out = sup.cli("run", "--no-console", "--config-dir", str(sup.config_dir),
                   "--data-dir", str(sup.data_dir))
@@ -159,10 +144,7 @@ def test_sigterm_stops_every_child_and_logs_out_ephemeral_nodes(sup, tmp_path):
 
 
 def _logout_on_stop(sup, control, tmp_path):
-    path, _ = key_file(tmp_path, control, reusable=True, ephemeral=True)
-    proxy_on(sup, control, "eph", path, ephemeral=True)
-    sup.start()
-    sup.wait_state("eph", "running")
+    run_proxy(sup, control, tmp_path, "eph", reusable=True, ephemeral=True, proxy={"ephemeral": True})
     kids = sup.children()
     assert kids
     assert sup.stop() == 0
