@@ -77,6 +77,7 @@ class ControlServer:
         self._flush_scheduled = False
         self._keepalive_task: asyncio.Task[None] | None = None
         self._private = b""
+        self._stopping = False
 
     # -- life cycle ------------------------------------------------------------
 
@@ -116,14 +117,12 @@ class ControlServer:
 
     async def stop(self) -> None:
         """Close everything: listeners, sessions (nodes see the control vanish), DERP, STUN."""
-        if self._server is None:
+        if self._server is None or self._stopping:
             return
+        self._stopping = True  # from here on, closing streams schedules no reaping
         self._server.close()
         if self._keepalive_task:
             self._keepalive_task.cancel()
-        for handle in self._reapers.values():
-            handle.cancel()
-        self._reapers.clear()
         for s in list(self._sessions):
             s.abort()
         await self.derp.close()
@@ -131,6 +130,9 @@ class ControlServer:
         for t in list(self._conn_tasks):
             t.cancel()
         await asyncio.gather(*self._conn_tasks, return_exceptions=True)
+        for handle in self._reapers.values():
+            handle.cancel()
+        self._reapers.clear()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._server.wait_closed(), 2)
         self._server = None
@@ -301,7 +303,7 @@ class ControlServer:
         del self._streams[nid]
         node.last_seen = self.tailnet.now()
         self._on_change("changed", node)  # now offline
-        if node.ephemeral and self._server is not None:
+        if node.ephemeral and not self._stopping:
             self._reapers[nid] = asyncio.get_running_loop().call_later(
                 self.ephemeral_reap_after, self._reap, nid)
 
@@ -449,8 +451,8 @@ class ControlServer:
             return
         stream = _MapStream(session, sid, node.id)
         session.streams[sid] = stream
+        self._stream_started(stream)  # first, so the node's own map already says Online
         stream.send(zstdframe.message(json.dumps(self._full_map(node, True)).encode()))
-        self._stream_started(stream)
 
 
 @dataclass(eq=False)

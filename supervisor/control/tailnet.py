@@ -164,14 +164,17 @@ class Tailnet:
             return
         except (OSError, ValueError) as e:
             raise ValueError(f"{self.path}: cannot read control state: {e}") from None
-        self.server_private = raw.get("server_private", "")
-        self.port = int(raw.get("port", 0))
-        self.next_node_id = raw.get("next_node_id", 1)
-        self.next_key_id = raw.get("next_key_id", 1)
-        for k in raw.get("keys", []):
-            self.keys[k["id"]] = AuthKey(**k)
-        for n in raw.get("nodes", []):
-            node = Node(**n)
+        try:
+            self.server_private = str(raw.get("server_private", ""))
+            self.port = int(raw.get("port", 0))
+            self.next_node_id = int(raw.get("next_node_id", 1))
+            self.next_key_id = int(raw.get("next_key_id", 1))
+            keys = [AuthKey(**k) for k in raw.get("keys", [])]
+            nodes = [Node(**n) for n in raw.get("nodes", [])]
+        except (AttributeError, TypeError, ValueError) as e:
+            raise ValueError(f"{self.path}: control state has the wrong shape: {e}") from None
+        self.keys = {k.id: k for k in keys}
+        for node in nodes:
             self.nodes[node.id] = node
             self.by_node_key[node.node_key] = node
 
