@@ -81,7 +81,8 @@ class Fleet:
         return self.control.url if cfg.embedded else cfg.login_server
 
     async def auth_key(self, cfg: ProxyConfig) -> str:
-        if cfg.embedded:
+        if cfg.embedded:  # a login here means fresh state: the old node, if any, is stale
+            self.control.forget_offline(cfg.hostname)
             return await self.control.mint_key(ephemeral=cfg.ephemeral, tags=cfg.tags)
         return await asyncio.to_thread(cfg.read_auth_key)
 

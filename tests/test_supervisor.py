@@ -297,3 +297,21 @@ def test_hung_tailscaled_is_restarted(sup, control, tmp_path):
     sup.wait_state("app", "running", 30, after=n)
     assert sup.status()["app"]["pid"] != pid
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_embedded_proxy_keeps_its_name_after_a_corrupt_state_wipe(sup):
+    """The wiped node still exists on the control (offline); the embedded
+    control replaces it, so the proxy keeps its DNS name instead of a `-1`."""
+    sup.write_proxy("web", hostname="web", target="http://127.0.0.1:9", serve="http", port=80,
+                    login_server="embedded")
+    sup.start()
+    sup.wait_state("web", "running")
+    assert sup.stop() == 0
+    (sup.data_dir / "proxies" / "web" / "state" / "tailscaled.state").write_bytes(b"")
+    n = len(sup.events())
+    sup.start()
+    sup.wait_state("web", "running", 30, after=n)
+    st = sup.status()["web"]
+    assert st["recoveries"] == 1 and st["dns_name"] == "web.tailnet.test"
+    nodes = AdminClient.from_data_dir(sup.data_dir / "control").nodes()
+    assert [x["name"] for x in nodes] == ["web"]
