@@ -1,4 +1,5 @@
-"""ts-supervisor's command line: run, status, check, control."""
+"""ts-supervisor's command line: run, status, check; operate.py adds the operator
+commands, control/cli.py the control plane's."""
 from __future__ import annotations
 
 import argparse
@@ -161,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="validate every proxy file; exit 1 on any error")
     common(ck, config=True)
     ck.set_defaults(func=cmd_check)
+
+    from supervisor import operate
+    operate.add_parsers(sub, common)
 
     from supervisor.control import cli as control_cli
     control_cli.add_parser(sub)

@@ -113,6 +113,22 @@ class Fleet:
         return {"ok": True, "proxies": [s.to_json() for s in self.snapshots()],
                 "config_errors": [str(e) for e in self.config_errors]}
 
+    async def _ipc_control(self, req: dict) -> dict:
+        """start | stop | restart NAME, from the CLI or the console."""
+        cmd, name = req.get("cmd"), str(req.get("name", ""))
+        p = self.proxies.get(name)
+        if p is None:
+            return {"ok": False, "error": f"no proxy named {name!r}"}
+        if cmd == "start" and p.state.value not in ("stopped", "failed", "backoff"):
+            return {"ok": True, "message": f"{name} is already {p.state.value}"}
+        sig = Signal.STOP if cmd == "stop" else Signal.START  # START relaunches: a restart
+        p.request(sig, f"operator {cmd}")
+        return {"ok": True, "message": f"{name}: {cmd} requested"}
+
+    async def _ipc_reload(self, req: dict) -> dict:
+        self.request_reload()
+        return {"ok": True, "message": "reload requested"}
+
     # -- lifecycle -------------------------------------------------------------------
 
     def request_stop(self) -> None:
@@ -133,7 +149,9 @@ class Fleet:
         for sig, fn in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
                         (signal.SIGHUP, self.request_reload)):
             loop.add_signal_handler(sig, fn)
-        ipc = IPCServer(self.data_dir, {"status": self._ipc_status})
+        ipc = IPCServer(self.data_dir, {"status": self._ipc_status, "reload": self._ipc_reload,
+                                        "start": self._ipc_control, "stop": self._ipc_control,
+                                        "restart": self._ipc_control})
         try:
             killed = await asyncio.to_thread(
                 procs.kill_orphans, self.data_dir.glob("proxies/*/pids/*.pid"))

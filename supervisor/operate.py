@@ -1,0 +1,229 @@
+"""Operator commands on a running supervisor and its conf.d: start, stop,
+restart, logs, events, add, remove.
+
+start/stop/restart go through the 0600 control socket; logs and events read
+the data dir's files (0700, so the same people); add and remove edit conf.d
+atomically and ask a running supervisor to reload.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from supervisor import config as cfgmod
+from supervisor import ipc
+from supervisor.events import redact
+
+EXIT_OK, EXIT_ERROR, EXIT_NOT_RUNNING = 0, 1, 3
+
+
+def _err(msg: str) -> None:
+    print(f"ts-supervisor: error: {msg}", file=sys.stderr)
+
+
+def _call(data_dir: Path, cmd: str, **args: Any) -> tuple[int, dict[str, Any]]:
+    try:
+        answer = ipc.call(data_dir, cmd, **args)
+    except ipc.NotRunning as e:
+        _err(str(e))
+        return EXIT_NOT_RUNNING, {}
+    except PermissionError:
+        _err(f"permission denied on {data_dir / ipc.SOCKET_NAME} (run as the supervisor's user)")
+        return EXIT_ERROR, {}
+    if not answer.get("ok"):
+        _err(answer.get("error", "the supervisor refused"))
+        return EXIT_ERROR, answer
+    return EXIT_OK, answer
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    rc, answer = _call(args.data_dir, args.command, name=args.name)
+    if rc == EXIT_OK:
+        print(answer.get("message", "ok"))
+    return rc
+
+
+def _follow(path: Path, lines: int, follow: bool) -> Iterator[str]:
+    """The last `lines` lines, then (with follow) new ones as they come, across rotation."""
+    try:
+        f = open(path, errors="replace")
+    except FileNotFoundError:
+        if not follow:
+            raise
+        f = None
+    if f is not None:
+        yield from f.read().splitlines()[-lines:] if lines else []
+    while follow:
+        if f is None or _rotated(f, path):
+            try:
+                f = open(path, errors="replace")
+            except FileNotFoundError:
+                f = None
+        chunk = f.read() if f else ""
+        if chunk:
+            yield from chunk.splitlines()
+        else:
+            time.sleep(0.2)  # a tail -f poll; nothing else runs in this process
+
+
+def _rotated(f: Any, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino != os.fstat(f.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    path = args.data_dir / "proxies" / args.name / "tailscaled.log"
+    if not path.parent.is_dir():
+        _err(f"no proxy named {args.name!r} in {args.data_dir}")
+        return EXIT_ERROR
+    try:
+        for line in _follow(path, args.lines, args.follow):
+            print(redact(line), flush=True)
+    except FileNotFoundError:
+        _err(f"{path}: no log yet")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _event_line(raw: str) -> str:
+    try:
+        e = json.loads(raw)
+        when = datetime.fromisoformat(e["time"]).strftime("%Y-%m-%d %H:%M:%S")
+        state = f", now {e['state']}" if e.get("state") and e["state"] != e["event"] else ""
+        reason = f": {e['reason']}" if e.get("reason") else ""
+        return f"{when} {e['proxy']}: {e['event']}{state}{reason}"
+    except (ValueError, KeyError, TypeError):
+        return raw
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    path = args.data_dir / "events.jsonl"
+    try:
+        for line in _follow(path, args.lines, args.follow):
+            if args.name and f'"proxy": "{args.name}"' not in line:
+                continue
+            print(line if args.json else _event_line(line), flush=True)
+    except FileNotFoundError:
+        _err(f"{path}: no events yet (has the supervisor run with this data dir?)")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _reload_if_running(data_dir: Path) -> None:
+    try:
+        ipc.call(data_dir, "reload", timeout=5)
+        print("the running supervisor reloads conf.d")
+    except (ipc.NotRunning, OSError):
+        pass
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    path = args.config_dir / f"{args.name}.toml"
+    if path.exists():
+        _err(f"{path} already exists (remove it first, or edit it)")
+        return EXIT_ERROR
+    scheme = args.target.split("://", 1)[0]
+    raw: dict[str, Any] = {"hostname": args.hostname or args.name, "target": args.target,
+                           "serve": args.serve or ("tcp" if scheme == "tcp" else "http")}
+    raw["port"] = args.port if args.port is not None else (80 if raw["serve"] == "http" else
+                                                            443 if raw["serve"] == "https" else 0)
+    if raw["serve"] == "tcp" and args.port is None:
+        _err(f"{path}: key port: a tcp proxy needs --port (the tailnet-side port)")
+        return EXIT_ERROR
+    for key, value in (("login_server", args.login_server), ("auth_key_file", args.auth_key_file),
+                       ("auth_key_env", args.auth_key_env)):
+        if value:
+            raw[key] = value
+    if args.ephemeral:
+        raw["ephemeral"] = True
+    if args.tag:
+        raw["tags"] = args.tag
+    cfg, errors = cfgmod.parse_proxy(path, raw)
+    if cfg is not None and args.config_dir.is_dir():
+        existing, _ = cfgmod.load_dir(args.config_dir)
+        clash = next((c for c in existing if c.hostname == cfg.hostname), None)
+        if clash:
+            errors.append(cfgmod.ConfigError(path, "hostname", f"{cfg.hostname!r} is already used "
+                                             f"by {clash.path.name}"))
+    if errors:
+        for e in errors:
+            print(str(e), file=sys.stderr)
+        return EXIT_ERROR
+    args.config_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(tomli_w.dumps(raw))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    _reload_if_running(args.data_dir)
+    return EXIT_OK
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    path = args.config_dir / f"{args.name}.toml"
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        _err(f"{path}: no such proxy file")
+        return EXIT_ERROR
+    print(f"removed {path}")
+    _reload_if_running(args.data_dir)
+    return EXIT_OK
+
+
+def add_parsers(sub: Any, common: Any) -> None:
+    for name, text in (("start", "start a stopped or failed proxy (re-arms its recovery)"),
+                       ("stop", "stop a proxy's children; it stays stopped until started"),
+                       ("restart", "relaunch a proxy's children (re-arms its recovery)")):
+        sp = sub.add_parser(name, help=text)
+        common(sp, data=True)
+        sp.add_argument("name")
+        sp.set_defaults(func=cmd_control)
+
+    lg = sub.add_parser("logs", help="a proxy's tailscaled and serve output")
+    common(lg, data=True)
+    lg.add_argument("name")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("-n", "--lines", type=int, default=50)
+    lg.set_defaults(func=cmd_logs)
+
+    ev = sub.add_parser("events", help="the event history (every transition)")
+    common(ev, data=True)
+    ev.add_argument("name", nargs="?", help="only this proxy")
+    ev.add_argument("-f", "--follow", action="store_true")
+    ev.add_argument("-n", "--lines", type=int, default=50)
+    ev.add_argument("--json", action="store_true", help="the raw JSON lines")
+    ev.set_defaults(func=cmd_events)
+
+    add = sub.add_parser("add", help="validate, then write conf.d/NAME.toml")
+    common(add, config=True, data=True)
+    add.add_argument("name")
+    add.add_argument("--target", required=True, help="http://127.0.0.1:PORT or tcp://127.0.0.1:PORT")
+    add.add_argument("--hostname")
+    add.add_argument("--serve", choices=("http", "https", "tcp"))
+    add.add_argument("--port", type=int, help="tailnet-side port (default 80 for http)")
+    add.add_argument("--login-server", help='a URL, or "embedded" (default: Tailscale\'s hosted control)')
+    add.add_argument("--auth-key-file")
+    add.add_argument("--auth-key-env")
+    add.add_argument("--ephemeral", action="store_true")
+    add.add_argument("--tag", action="append", default=[])
+    add.set_defaults(func=cmd_add)
+
+    rm = sub.add_parser("remove", help="delete conf.d/NAME.toml; a running supervisor stops it")
+    common(rm, config=True, data=True)
+    rm.add_argument("name")
+    rm.set_defaults(func=cmd_remove)
