@@ -114,11 +114,16 @@ class Fleet:
                 "config_errors": [str(e) for e in self.config_errors]}
 
     async def _ipc_control(self, req: dict) -> dict:
-        """start | stop | restart NAME, from the CLI or the console."""
+        """start | stop | restart | recover NAME, from the CLI or the console."""
         cmd, name = req.get("cmd"), str(req.get("name", ""))
         p = self.proxies.get(name)
         if p is None:
             return {"ok": False, "error": f"no proxy named {name!r}"}
+        if cmd == "recover":
+            if p.state.value not in ("starting", "running", "recovering"):
+                return {"ok": False, "error": f"{name} is {p.state.value}; start it instead"}
+            p.force_recovery()
+            return {"ok": True, "message": f"{name}: stale-state recovery requested"}
         if cmd == "start" and p.state.value not in ("stopped", "failed", "backoff"):
             return {"ok": True, "message": f"{name} is already {p.state.value}"}
         sig = Signal.STOP if cmd == "stop" else Signal.START  # START relaunches: a restart
@@ -151,7 +156,7 @@ class Fleet:
             loop.add_signal_handler(sig, fn)
         ipc = IPCServer(self.data_dir, {"status": self._ipc_status, "reload": self._ipc_reload,
                                         "start": self._ipc_control, "stop": self._ipc_control,
-                                        "restart": self._ipc_control})
+                                        "restart": self._ipc_control, "recover": self._ipc_control})
         try:
             killed = await asyncio.to_thread(
                 procs.kill_orphans, self.data_dir.glob("proxies/*/pids/*.pid"))

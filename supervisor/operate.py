@@ -188,7 +188,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any, common: Any) -> None:
     for name, text in (("start", "start a stopped or failed proxy (re-arms its recovery)"),
                        ("stop", "stop a proxy's children; it stays stopped until started"),
-                       ("restart", "relaunch a proxy's children (re-arms its recovery)")):
+                       ("restart", "relaunch a proxy's children (re-arms its recovery)"),
+                       ("recover", "force a stale-state recovery: wipe its state, log in again")):
         sp = sub.add_parser(name, help=text)
         common(sp, data=True)
         sp.add_argument("name")

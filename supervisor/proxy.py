@@ -115,6 +115,11 @@ class Proxy:
         """Operator or fleet input (start/stop/restart); applied in order by run()."""
         self._inbox.put_nowait((None, sig, reason))
 
+    def force_recovery(self) -> None:
+        """The operator says the state is stale: one wipe and relaunch, with a fresh budget."""
+        self.budget.rearm()
+        self.request(Signal.AUTH_FAILURE, "operator forced a stale-state recovery")
+
     def shutdown(self) -> None:
         """Stop the children and make run() return."""
         self._exit_when_stopped = True

@@ -113,3 +113,14 @@ def test_socket_refuses_another_user(sup, control, tmp_path):
                          capture_output=True, text=True, timeout=20)
     assert out.returncode == 13, (out.stdout, out.stderr)
     assert sup.status()["app"]["state"] == "running"
+
+
+def test_recover_forces_one_wipe_and_a_fresh_login(sup, control, tmp_path):
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    n = len(sup.events())
+    out = cli(sup, "recover", "app")
+    assert out.returncode == 0, out.stderr
+    sup.wait_state("app", "recovering", 10, after=n)
+    sup.wait_state("app", "running", 30, after=n)
+    assert [e["event"] for e in sup.events()[n:] if e["event"] == "wiped"] == ["wiped"]
+    assert sup.status()["app"]["recoveries"] == 1
