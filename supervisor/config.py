@@ -282,13 +282,15 @@ class Settings:
     start_timeout: float = 60.0         # launch -> Running, else treated as a crash
     hang_timeout: float = 20.0          # LocalAPI unanswered this long = hung tailscaled
     embedded_port: int = 0              # 0: pick once, then keep it (nodes remember the URL)
+    metrics: str = ""                   # "127.0.0.1:9101": serve Prometheus text there (loopback)
+    webhooks: tuple[Any, ...] = ()      # [[webhook]] tables: url, format, events
 
 
 _SETTINGS_TYPES: dict[str, tuple[type, ...]] = {
     "tailscale": (str,), "tailscaled": (str,), "healthy_period": (int, float),
     "start_limit": (int,), "start_window": (int, float), "backoff_initial": (int, float),
     "backoff_max": (int, float), "stop_grace": (int, float), "start_timeout": (int, float),
-    "hang_timeout": (int, float), "embedded_port": (int,),
+    "hang_timeout": (int, float), "embedded_port": (int,), "metrics": (str,),
 }
 
 
@@ -311,10 +313,23 @@ def load_settings(path: Path | None) -> Settings:
         raise SettingsError(f"{path}: cannot read: {e.strerror or e}") from None
     problems = []
     values: dict[str, Any] = {}
+    if "webhook" in raw:
+        from supervisor.notify import parse_webhooks
+        values["webhooks"], bad = parse_webhooks(raw.pop("webhook"), str(path))
+        problems += bad
+    if isinstance(raw.get("metrics"), str):
+        host, _, port = raw["metrics"].rpartition(":")
+        try:
+            ok = ipaddress.ip_address(host.strip("[]")).is_loopback and 0 <= int(port) < 65536
+        except ValueError:
+            ok = False
+        if not ok:
+            problems.append(f"{path}: metrics: must be a loopback HOST:PORT such as 127.0.0.1:9101")
     for key, value in raw.items():
         kinds = _SETTINGS_TYPES.get(key)
         if kinds is None:
-            problems.append(f"{path}: {key}: unknown setting (known: {', '.join(sorted(_SETTINGS_TYPES))})")
+            known = ", ".join(sorted([*_SETTINGS_TYPES, "webhook"]))
+            problems.append(f"{path}: {key}: unknown setting (known: {known})")
         elif not isinstance(value, kinds) or isinstance(value, bool):
             problems.append(f"{path}: {key}: must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
         elif isinstance(value, (int, float)) and value < 0:

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from supervisor import tailscale as ts
 from supervisor.config import ConfigError, ProxyConfig, Settings
 from supervisor.events import Event, EventLog
 from supervisor.ipc import IPCServer
+from supervisor.metrics import MetricsServer
+from supervisor.notify import Notifier
 from supervisor.proxy import Context, Proxy, ProxySnapshot
 from supervisor.states import Signal
 
@@ -46,6 +49,17 @@ def acquire_lock(data_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) where it listens; a no-op anywhere else."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(message.encode(), addr)
 
 
 def _dir_signature(config_dir: Path) -> tuple:
@@ -154,6 +168,7 @@ class Fleet:
         for sig, fn in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
                         (signal.SIGHUP, self.request_reload)):
             loop.add_signal_handler(sig, fn)
+        extras: list[Callable[[], Any]] = []
         ipc = IPCServer(self.data_dir, {"status": self._ipc_status, "reload": self._ipc_reload,
                                         "start": self._ipc_control, "stop": self._ipc_control,
                                         "restart": self._ipc_control, "recover": self._ipc_control})
@@ -167,10 +182,12 @@ class Fleet:
                                events=self.events, control_url=self.control_url,
                                auth_key=self.auth_key, death_pipe=pipe)
             await ipc.start()
+            extras = await self._start_extras()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 await self._reload()
                 self.started.set()
+                sd_notify("READY=1\nSTATUS=supervising " + ", ".join(sorted(self.proxies)))
                 signature = _dir_signature(self.config_dir)
                 while not self._stop_requested:
                     with contextlib.suppress(TimeoutError):
@@ -181,8 +198,11 @@ class Fleet:
                         self._reload_requested = False
                         signature = now_sig
                         await self._reload()
+                sd_notify("STOPPING=1")
                 await self._stop_all(list(self.proxies))
         finally:
+            for stop_extra in extras:
+                await stop_extra()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await ipc.close()
@@ -191,6 +211,29 @@ class Fleet:
             self.events.close()
             pipe.close()
             os.close(lock_fd)
+
+    async def _start_extras(self) -> list[Callable[[], Any]]:
+        """Webhooks and metrics, if configured; returns what stops them."""
+        stops: list[Callable[[], Any]] = []
+        if self.settings.webhooks:
+            notifier = Notifier(self.settings.webhooks, lambda kind, why: self._note("-", kind, why))
+            assert self.events is not None
+            self.events.listeners.append(notifier.on_event)
+            task = asyncio.create_task(notifier.run(), name="webhooks")
+
+            async def stop_notifier() -> None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            stops.append(stop_notifier)
+        if self.settings.metrics:
+            server = MetricsServer(self.settings.metrics, self._metrics)
+            await server.start()
+            self._note("-", "metrics", f"metrics at http://{server.host}:{server.port}/metrics")
+            stops.append(server.close)
+        return stops
+
+    def _metrics(self) -> tuple[list[ProxySnapshot], dict[str, list[float]]]:
+        return self.snapshots(), {n: list(p.detections) for n, p in self.proxies.items()}
 
     async def _reload(self) -> None:
         """New proxies start, removed ones stop, changed ones restart; the rest

@@ -101,7 +101,8 @@ class Proxy:
         self.recoveries = 0
         self.node: ts.NodeStatus | None = None
         self._restart_times: deque[float] = deque()
-        self._inbox: asyncio.Queue[tuple[int | None, Signal, str]] = asyncio.Queue()
+        self._inbox: asyncio.Queue[tuple[int | None, Signal, str, float]] = asyncio.Queue()
+        self.detections: deque[float] = deque(maxlen=1000)  # seconds, signal seen -> state changed
         self._gen = 0
         self._launch: Launch | None = None
         self._backoff_until: float | None = None
@@ -113,7 +114,7 @@ class Proxy:
 
     def request(self, sig: Signal, reason: str = "") -> None:
         """Operator or fleet input (start/stop/restart); applied in order by run()."""
-        self._inbox.put_nowait((None, sig, reason))
+        self._inbox.put_nowait((None, sig, reason, time.monotonic()))
 
     def force_recovery(self) -> None:
         """The operator says the state is stale: one wipe and relaunch, with a fresh budget."""
@@ -155,10 +156,13 @@ class Proxy:
                 item = await self._next_signal()
                 if item is None:
                     continue
-                gen, sig, reason = item
+                gen, sig, reason, seen = item
                 if gen is not None and (self._launch is None or gen != self._launch.gen):
                     continue  # news from children of an earlier launch
-                await self._apply(decide(self.state, self._facts(sig)), sig, reason)
+                d = decide(self.state, self._facts(sig))
+                if gen is not None and d.event and d.state is not self.state:
+                    self.detections.append(time.monotonic() - seen)
+                await self._apply(d, sig, reason)
                 if self._exit_when_stopped and self.state is State.STOPPED:
                     return
         finally:
@@ -168,7 +172,7 @@ class Proxy:
 
     # -- the loop ---------------------------------------------------------------
 
-    async def _next_signal(self) -> tuple[int | None, Signal, str] | None:
+    async def _next_signal(self) -> tuple[int | None, Signal, str, float] | None:
         deadline = self._next_deadline()
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
@@ -186,14 +190,14 @@ class Proxy:
             times.append(self._launch.serve_restart_at)
         return min(times) if times else None
 
-    def _timers(self, now: float) -> tuple[int | None, Signal, str] | None:
+    def _timers(self, now: float) -> tuple[int | None, Signal, str, float] | None:
         """Every time-driven transition lives here."""
         if self.state is State.BACKOFF and self._backoff_until is not None and now >= self._backoff_until:
             self._backoff_until = None
-            return (None, Signal.BACKOFF_OVER, "backoff over")
+            return (None, Signal.BACKOFF_OVER, "backoff over", now)
         if (self.state is State.RUNNING and self._running_since is not None and not self.budget.armed
                 and now >= self._running_since + self.ctx.settings.healthy_period):
-            return (None, Signal.HEALTHY, f"running for {self.ctx.settings.healthy_period:g}s")
+            return (None, Signal.HEALTHY, f"running for {self.ctx.settings.healthy_period:g}s", now)
         L = self._launch
         if L and L.serve_restart_at is not None and now >= L.serve_restart_at:
             L.serve_restart_at = None
@@ -286,7 +290,7 @@ class Proxy:
                 self.last_error = v.reason
                 self._note("transient", v.reason)
             return
-        self._inbox.put_nowait((L.gen, v.signal, v.reason))
+        self._inbox.put_nowait((L.gen, v.signal, v.reason, time.monotonic()))
 
     def _start_launch(self) -> None:
         self._gen += 1

@@ -127,7 +127,7 @@ def tailscaled_command(bins: Binaries, statedir: Path, *, quiet_control_url: str
     """
     argv = [str(bins.tailscaled), f"--statedir={statedir}",
             f"--socket={statedir / SOCKET_FILE}", "--tun=userspace-networking", "--port=0"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
+    env = cli_env()
     env["TS_LOGS_DIR"] = str(statedir)
     env["TS_DEBUG_LOG_RATE"] = "all"  # keep every repeated "Received error" line (facts §6)
     if quiet_control_url:
@@ -141,7 +141,10 @@ def tailscaled_command(bins: Binaries, statedir: Path, *, quiet_control_url: str
 
 
 def cli_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
+    """Our environment without TS_ knobs, and without NOTIFY_SOCKET: tailscaled
+    speaks sd_notify too, and only the supervisor may tell systemd it is ready."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("TS_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
 
 
 def up_command(bins: Binaries, socket: Path, *, login_server: str | None, hostname: str,

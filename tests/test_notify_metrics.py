@@ -1,0 +1,123 @@
+"""Webhooks, the metrics endpoint and sd_notify, against a real supervisor with
+real proxies on the test control."""
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import socket
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import wait_for
+from tests.test_supervisor import run_proxy
+
+pytestmark = pytest.mark.real
+
+
+class Receiver:
+    """A local webhook receiver whose first `fail_first` requests get HTTP 500."""
+
+    def __init__(self, fail_first: int) -> None:
+        self.fail_first = fail_first
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with outer.lock:
+                    outer.requests.append((self.path, dict(self.headers), body))
+                    failing = len(outer.requests) <= outer.fail_first
+                self.send_response(500 if failing else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook/s3cr3t-token"
+
+    def bodies(self) -> list[dict]:
+        with self.lock:
+            return [json.loads(b) for _, _, b in self.requests]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver(fail_first=1)
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+def test_webhook_fires_on_recovery_and_return_with_a_retry(sup, control, tmp_path, receiver):
+    sup.settings["webhook"] = [{"url": receiver.url, "format": "json"}]
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    assert receiver.requests == []  # a first start is not news
+    control.admin("delete_node", id=control.node_named("app")["id"])
+    sup.wait_state("app", "running", 30, after=len(sup.events()) - 1)
+    wait_for(lambda: [b["state"] for b in receiver.bodies()][-2:] == ["recovering", "running"], 20,
+             "recovering and running delivered")
+    states = [b["state"] for b in receiver.bodies()]
+    assert states[0] == "recovering" and states.count("recovering") == 2  # the 500, then the retry
+    assert receiver.bodies()[-1]["proxy"] == "app"
+    logs = sup.text() + "".join(f.read_text(errors="replace") for f in sup.data_dir.rglob("*.jsonl"))
+    assert "s3cr3t-token" not in logs
+
+
+def _metrics_url(sup) -> str:
+    ev = sup.wait_event(lambda e: e["event"] == "metrics", 10, "metrics note")
+    return re.search(r"http://\S+/metrics", ev["reason"]).group(0)
+
+
+def _scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_endpoint_exports_state_counters_latency_and_rss(sup, control, tmp_path):
+    sup.settings["metrics"] = "127.0.0.1:0"
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    url = _metrics_url(sup)
+    m = _scrape(url)
+    assert m['ts_supervisor_proxy_state{proxy="app",state="running"}'] == 1
+    assert m['ts_supervisor_proxy_state{proxy="app",state="failed"}'] == 0
+    assert m['ts_supervisor_proxy_recoveries_total{proxy="app"}'] == 0
+    assert m['ts_supervisor_proxy_children_rss_bytes{proxy="app"}'] > 10 * 2**20
+
+    n = len(sup.events())
+    control.admin("delete_node", id=control.node_named("app")["id"])
+    sup.wait_state("app", "running", 30, after=n)
+    m = _scrape(url)
+    assert m['ts_supervisor_proxy_recoveries_total{proxy="app"}'] == 1
+    count = m['ts_supervisor_detection_latency_seconds_count{proxy="app"}']
+    assert count >= 1
+    assert m['ts_supervisor_detection_latency_seconds_bucket{proxy="app",le="+Inf"}'] == count
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=5)
+
+
+def test_ready_is_signalled_to_systemd(sup, control, tmp_path):
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        s.settimeout(30)
+        sup.env["NOTIFY_SOCKET"] = str(path)
+        run_proxy(sup, control, tmp_path, "app", reusable=True)
+        msg = s.recv(4096).decode()
+        assert "READY=1" in msg and "app" in msg
+        sup.stop()
+        assert "STOPPING=1" in s.recv(4096).decode()
