@@ -245,17 +245,21 @@ def load_dir(config_dir: Path, incumbents: dict[str, str] | None = None
         errors.extend(errs)
         if cfg:
             loaded.append(cfg)
-    owner = dict(incumbents or {})
     present = {c.name for c in loaded}
-    owner = {h: n for h, n in owner.items() if n in present}
+    broken = {p.stem for p in paths} - present
+    owner = {h: n for h, n in (incumbents or {}).items() if n in present}
+    # A running proxy whose file just turned bad keeps running, so keeps its name too.
+    reserved = {h: n for h, n in (incumbents or {}).items() if n in broken}
     loaded.sort(key=lambda c: (owner.get(c.hostname) != c.name, c.name))
     taken: dict[str, ProxyConfig] = {}
     result: list[ProxyConfig] = []
     for cfg in loaded:
         first = taken.get(cfg.hostname)
-        if first is not None:
+        holder = first.path.name if first is not None else (
+            f"{reserved[cfg.hostname]}.toml (running)" if cfg.hostname in reserved else None)
+        if holder is not None:
             errors.append(ConfigError(cfg.path, "hostname", f"{cfg.hostname!r} is already used "
-                                      f"by {first.path.name}; this proxy is not started"))
+                                      f"by {holder}; this proxy is not started"))
             continue
         taken[cfg.hostname] = cfg
         result.append(cfg)

@@ -246,6 +246,8 @@ class Proxy:
         if a is Action.SCHEDULE_RESTART or a is Action.RESTART_SERVE:
             self.restarts += 1
             self._restart_times.append(time.monotonic())
+        if a is Action.STOP:  # stopped or failed means the children are gone: stop them first
+            await self._stop_children(logout=self.cfg.ephemeral and d.state is State.STOPPED)
         if d.event:
             self._transition(d.state, d.event, reason)
 
@@ -274,7 +276,6 @@ class Proxy:
                                          self.ctx.settings.backoff_max)
             self._backoff_until = time.monotonic() + delay
         elif a is Action.STOP:
-            await self._stop_children(logout=self.cfg.ephemeral and d.state is State.STOPPED)
             if d.state is State.FAILED and sig in (Signal.AUTH_FAILURE, Signal.CORRUPT_STATE,
                                                     Signal.KEY_EXPIRED):
                 self.budget.mark_failed(reason)

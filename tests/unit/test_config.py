@@ -127,3 +127,14 @@ def test_settings_file(tmp_path):
 def test_unreadable_config_dir(tmp_path):
     configs, errors = cfgmod.load_dir(tmp_path / "nope")
     assert configs == [] and "cannot read config dir" in str(errors[0])
+
+
+def test_a_running_proxy_whose_file_broke_keeps_its_hostname(tmp_path):
+    from supervisor.config import load_dir
+    (tmp_path / "app.toml").write_text('hostname = "app\n')  # mid-edit, unparsable
+    (tmp_path / "zzz.toml").write_text('hostname = "app"\ntarget = "http://127.0.0.1:1"\n'
+                                       'login_server = "embedded"\n')
+    configs, errors = load_dir(tmp_path, incumbents={"app": "app"})
+    assert configs == []
+    assert any(e.path.name == "zzz.toml" and e.key == "hostname" and "app.toml (running)" in str(e)
+               for e in errors)
