@@ -54,7 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     live = not args.no_console and sys.stdout.isatty()
     fleet = Fleet(args.config_dir, args.data_dir, settings)
-    table = LiveTable(fleet, Console()) if live else None
+    # keys operate the fleet when stdin is a terminal too (`run < /dev/null` only watches)
+    table = LiveTable(fleet, Console(), interactive=sys.stdin.isatty()) if live else None
     if table:
         fleet.on_event = table.on_event
     else:

@@ -1,20 +1,35 @@
 """The console: a live rich table of every proxy, or one line per event.
 
-`render()` is a pure function of frozen snapshots (rich's Live examples), so
-it is tested on a capturing Console and costs the same whoever calls it.
-The live view redraws when an event arrives; a slow tick only refreshes
-uptime and CPU/RSS figures.
+`render()` is a pure function of frozen snapshots (rich's Live examples) and
+of the operator's UI state (selection, open panel, footer message, pending
+confirmation), so it is tested on a capturing Console and costs the same
+whoever calls it. The live view redraws when an event arrives or a key is
+pressed; a slow tick only refreshes uptime, CPU/RSS and key-expiry figures.
+
+Keys are read without threads: the TTY goes to cbreak mode for the life of
+the view (restored in a `finally`), the event loop calls us when stdin is
+readable, `KeyParser` turns bytes into keys and `on_key()` (pure) turns a key
+into a new `UIState` and at most one command for the fleet.
 """
 from __future__ import annotations
 
 import asyncio
+import codecs
+import contextlib
+import json
+import os
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
 
 import psutil
 from rich import box
 from rich.console import Console, Group
 from rich.live import Live
+from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
@@ -25,7 +40,9 @@ STATE_STYLE = {
     "running": "bold green", "starting": "cyan", "recovering": "bold yellow",
     "backoff": "magenta", "failed": "bold red", "stopped": "dim",
 }
-TICK = 2.0  # seconds; only for uptime and resource columns
+TICK = 2.0  # seconds; only for uptime, resource and key-expiry columns
+KEY_WARN = 7 * 86400  # node keys closer than this to expiry are shown as a warning
+PANEL_LINES = 200  # at most this many log or event lines are ever read for the panel
 
 
 def human_duration(seconds: float) -> str:
@@ -47,16 +64,173 @@ def human_bytes(n: int) -> str:
     return f"{n}"
 
 
+def parse_key_expiry(value: str | None) -> float | None:
+    """tailscaled's Self.KeyExpiry (RFC 3339) as a wall-clock time; None when
+    expiry is disabled (absent, empty, or Go's zero time) or unreadable."""
+    if not value or value.startswith("0001-01-01"):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def key_expiry_cell(value: str | None, now: float) -> Text:
+    """The countdown to node-key expiry: days when far, a warning under 7 days,
+    nothing when expiry is disabled."""
+    at = parse_key_expiry(value)
+    if at is None:
+        return Text("")
+    left = at - now
+    if left <= 0:
+        return Text("expired", style="bold red")
+    if left < KEY_WARN:
+        return Text(human_duration(left), style="bold yellow")
+    return Text(f"{int(left // 86400)}d")
+
+
 Usage = Mapping[str, tuple[float, int]]  # proxy name -> (CPU %, RSS bytes)
+
+
+# -- the operator's side: UI state, keys, and what a key does -------------------------
+
+
+@dataclass(frozen=True)
+class UIState:
+    """Everything the view shows besides the fleet: frozen, replaced on each key."""
+
+    selected: str | None = None  # a proxy name (not an index: a reload may insert rows)
+    panel: str | None = None     # "log" | "events": shown under the table for panel_proxy
+    panel_proxy: str | None = None
+    message: str = ""            # the last action's result, in the footer
+    confirm: str | None = None   # a proxy awaiting y/N before a forced recovery
+
+
+KEYMAP = {"k": "up", "j": "down", "r": "restart", "s": "stop", "S": "start", "t": "start",
+          "l": "log", "e": "events", "R": "recover", "q": "quit",
+          "\r": "enter", "\n": "enter", " ": "space"}
+ESCAPES = {"[A": "up", "[B": "down", "[C": "right", "[D": "left", "OA": "up", "OB": "down",
+           "OC": "right", "OD": "left", "[H": "home", "[F": "end", "OH": "home", "OF": "end",
+           "[1~": "home", "[4~": "end", "[5~": "pageup", "[6~": "pagedown"}
+FOOTER_KEYS = (("↑↓/jk", "select"), ("r", "restart"), ("s", "stop"), ("S", "start"), ("l", "log"),
+               ("e", "events"), ("R", "recover"), ("q", "quit"))
+
+
+class KeyParser:
+    """Bytes from a cbreak TTY -> keys: action names ("up", "restart", "quit", ...)
+    for bound keys and escape sequences, the character itself for anything else
+    ("y", "n", ...), "esc" for a lone Escape, "unknown" for unbound sequences.
+
+    A CSI or SS3 sequence split across reads is kept until it completes; a lone
+    ESC at the end of a read is Escape (terminals send a sequence in one write)."""
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, data: bytes | str) -> list[str]:
+        text = data if isinstance(data, str) else self._decoder.decode(data)
+        buf, keys, i = self._buf + text, [], 0
+        while i < len(buf):
+            ch = buf[i]
+            if ch != "\x1b":
+                keys.append(KEYMAP.get(ch, ch if ch.isprintable() else "unknown"))
+                i += 1
+                continue
+            if i + 1 == len(buf):
+                keys.append("esc")
+                i += 1
+                continue
+            intro = buf[i + 1]
+            if intro == "[":  # CSI: parameters and intermediates, then one final byte
+                j = i + 2
+                while j < len(buf) and not ("\x40" <= buf[j] <= "\x7e"):
+                    j += 1
+                if j == len(buf):
+                    break  # incomplete: wait for the rest
+                keys.append(ESCAPES.get(buf[i + 1:j + 1], "unknown"))
+                i = j + 1
+            elif intro == "O":  # SS3: one final byte
+                if i + 2 == len(buf):
+                    break
+                keys.append(ESCAPES.get(buf[i + 1:i + 3], "unknown"))
+                i += 3
+            elif intro == "\x1b":
+                keys.append("esc")
+                i += 1
+            else:  # Alt+key: never an action
+                keys.append("unknown")
+                i += 2
+        self._buf = buf[i:]
+        return keys
+
+
+Command = tuple[str, str]  # (verb, proxy name): restart | stop | start | recover | quit
+
+
+def on_key(ui: UIState, key: str, names: Sequence[str]) -> tuple[UIState, Command | None]:
+    """What one key does, as a pure function: the new UI state and at most one
+    command for the fleet. An open panel or a pending confirmation takes the
+    next key whatever it is, so closing a panel can never restart or quit."""
+    if ui.confirm is not None:
+        name = ui.confirm
+        ui = replace(ui, confirm=None)
+        if key == "y":
+            return replace(ui, message=f"stale-state recovery requested for {name}"), ("recover", name)
+        return replace(ui, message=f"recovery of {name} cancelled"), None
+    if ui.panel is not None:
+        return replace(ui, panel=None, panel_proxy=None), None
+    selected = ui.selected if ui.selected in names else (names[0] if names else None)
+    ui = replace(ui, selected=selected)
+    if key in ("up", "down", "home", "end", "pageup", "pagedown"):
+        if not names:
+            return ui, None
+        i = names.index(selected)
+        i = {"up": i - 1, "down": i + 1, "home": 0, "end": len(names) - 1,
+             "pageup": i - 10, "pagedown": i + 10}[key]
+        return replace(ui, selected=names[max(0, min(len(names) - 1, i))]), None
+    if key == "quit":
+        return replace(ui, message="stopping every proxy…"), ("quit", "")
+    if selected is None:
+        return ui, None
+    if key in ("restart", "stop", "start"):
+        return replace(ui, message=f"{key} requested for {selected}"), (key, selected)
+    if key in ("log", "events"):
+        return replace(ui, panel=key, panel_proxy=selected), None
+    if key == "recover":
+        return replace(ui, confirm=selected), None
+    return ui, None
+
+
+# -- rendering -----------------------------------------------------------------------------
 
 
 WIDE = 130  # below this, facts share cells; below MEDIUM, pid and CPU/RSS give way to the error
 MEDIUM = 96
 
 
+def footer(ui: UIState) -> Group:
+    keys = Text()
+    for i, (k, what) in enumerate(FOOTER_KEYS):
+        keys.append("  " if i else "")
+        keys.append(k, style="bold")
+        keys.append(f" {what}")
+    if ui.confirm is not None:
+        line = Text(f"Force a stale-state recovery of {ui.confirm}? It wipes its state and "
+                    f"logs in again. y/N", style="bold yellow")
+    elif ui.panel is not None:
+        line = Text("any key closes the panel", style="dim")
+    else:
+        line = Text(redact(ui.message))
+    return Group(keys, line)
+
+
 def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: float | None = None,
-           errors: Sequence[str] = (), width: int = 200) -> Group:
-    """The table (plus config errors under it) for a moment in time.
+           errors: Sequence[str] = (), width: int = 200, ui: UIState | None = None,
+           panel_lines: Sequence[str] = ()) -> Group:
+    """The table (plus config errors under it) for a moment in time; with `ui`
+    (the interactive console) also the selection, the log/event panel with
+    `panel_lines`, and the footer of keys.
 
     Borderless, with related facts sharing a cell, so an 80-column SSH session
     still shows every proxy's state, address, target and last error."""
@@ -75,13 +249,19 @@ def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: floa
         t.add_column("cpu rss", justify="right", no_wrap=True)
         t.add_column("up", justify="right", no_wrap=True)
         t.add_column("rst/rec", justify="right", no_wrap=True)
+        t.add_column("key", justify="right", no_wrap=True)
         t.add_column("last error", overflow="fold", min_width=24, ratio=1)
     else:  # 80 columns: the error goes under the state, counts under uptime
-        t.add_column("state / last error", overflow="fold", ratio=1)
+        t.add_column("state / error", overflow="fold", ratio=1)
         t.add_column("tailnet IP / target", no_wrap=True, max_width=21)
         if medium:
             t.add_column("pid / cpu rss", justify="right", no_wrap=True)
         t.add_column("up r/r", justify="right", no_wrap=True)
+        t.add_column("key", justify="right", no_wrap=True)
+    selected = None
+    if ui is not None and snaps:
+        names = [s.name for s in snaps]
+        selected = ui.selected if ui.selected in names else names[0]
     for s in snaps:
         cpu, rss = usage.get(s.name, (None, None))
         ip4 = next((ip for ip in s.tailscale_ips if ":" not in ip), s.tailscale_ips[0] if s.tailscale_ips else "")
@@ -95,20 +275,74 @@ def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: floa
         state = Text(s.state, style=STATE_STYLE.get(s.state, ""))
         error_style = "red" if s.state == "failed" else "dim"
         counts = f"{s.restarts}/{s.recoveries}"
+        key = key_expiry_cell(s.key_expiry, now)
+        style = "reverse" if s.name == selected else None
         if wide:
             t.add_row(name, state, ip4 or "-", target, str(s.pid) if s.pid else "-", res, up, counts,
-                      Text(redact(s.last_error), style=error_style))
+                      key, Text(redact(s.last_error), style=error_style), style=style)
         else:
             if s.last_error:
                 state.append(f"\n{redact(s.last_error)}", style=error_style)
             cells = [name, state, Text(ip4 or "-").append(f"\n{target}", style="dim")]
             if medium:
                 cells.append(f"{s.pid or '-'}\n{res}")
-            t.add_row(*cells, f"{up}\n{counts}")
+            t.add_row(*cells, f"{up}\n{counts}", key, style=style)
     parts: list = [t]
     for e in errors:
         parts.append(Text(f"config error: {redact(e)}", style="red"))
+    if ui is not None:
+        if ui.panel is not None:
+            title = f"{'log' if ui.panel == 'log' else 'events'}: {ui.panel_proxy}"
+            body = [Text(redact(line), no_wrap=True, overflow="ellipsis") for line in panel_lines]
+            parts.append(Panel(Group(*body) if body else Text("(nothing yet)", style="dim"),
+                               title=title, title_align="left", box=box.SQUARE, padding=(0, 1)))
+        parts.append(footer(ui))
     return Group(*parts)
+
+
+# -- what the panel shows -----------------------------------------------------------------
+
+
+def tail_lines(path: Path, n: int, chunk: int = 64 << 10) -> list[str]:
+    """The last n lines of a file (reads only its end), redacted; [] if absent."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - chunk))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    lines = data.splitlines()
+    if size > chunk and lines:
+        lines = lines[1:]  # the first one is probably cut
+    return [redact(line) for line in lines[-n:]] if n > 0 else []
+
+
+def event_line(ev: Event) -> str:
+    when = datetime.fromtimestamp(ev.wall).strftime("%H:%M:%S")
+    what = ev.kind if ev.state in (None, ev.kind) else f"{ev.kind}, now {ev.state}"
+    return f"{when} {what}" + (f": {redact(ev.reason)}" if ev.reason else "")
+
+
+def events_from_file(path: Path, proxy: str, n: int) -> list[str]:
+    """A proxy's recent events from events.jsonl (when the in-memory log has none)."""
+    out = []
+    for raw in tail_lines(path, 4000, chunk=1 << 20):
+        try:
+            e = json.loads(raw)
+        except ValueError:
+            continue
+        if e.get("proxy") != proxy:
+            continue
+        when = datetime.fromisoformat(e["time"]).strftime("%H:%M:%S") if e.get("time") else "?"
+        state = f", now {e['state']}" if e.get("state") and e["state"] != e.get("event") else ""
+        reason = f": {e['reason']}" if e.get("reason") else ""
+        out.append(f"{when} {e.get('event')}{state}{reason}")
+    return out[-n:]
+
+
+# -- the live view -------------------------------------------------------------------------
 
 
 class ResourceSampler:
@@ -140,29 +374,138 @@ class ResourceSampler:
         return out
 
 
-class LiveTable:
-    """Redraws on events (woken by the fleet's event listener), ticks slowly otherwise."""
+@contextlib.contextmanager
+def cbreak(fd: int) -> Iterator[bool]:
+    """The TTY in cbreak mode (keys arrive one by one, unechoed; ^C still
+    signals) until exit, whatever happens; yields False if fd is no TTY."""
+    import termios
+    import tty
+    try:
+        saved = termios.tcgetattr(fd)
+    except (termios.error, OSError):
+        yield False
+        return
+    try:
+        tty.setcbreak(fd, termios.TCSANOW)
+        yield True
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
 
-    def __init__(self, fleet, console: Console):
+
+class LiveTable:
+    """Redraws on events (woken by the fleet's event listener) and on keys,
+    ticks slowly otherwise. With `interactive`, stdin's keys operate the fleet."""
+
+    def __init__(self, fleet, console: Console, interactive: bool = True,
+                 stdin: int | None = None):
         self.fleet = fleet
         self.console = console
+        self.interactive = interactive
+        self.stdin = sys.stdin.fileno() if stdin is None and interactive else stdin
         self.sampler = ResourceSampler()
+        self.ui = UIState()
+        self.parser = KeyParser()
         self._dirty = asyncio.Event()
+        self._panel_lines: list[str] = []
+        self._tasks: set[asyncio.Task] = set()
 
     def on_event(self, ev: Event) -> None:
         self._dirty.set()
 
+    # -- keys ------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        assert self.stdin is not None
+        try:
+            data = os.read(self.stdin, 1024)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # stdin closed: the view goes on, without keys
+            asyncio.get_running_loop().remove_reader(self.stdin)
+            return
+        for key in self.parser.feed(data):
+            self.press(key)
+
+    def press(self, key: str) -> None:
+        names = [s.name for s in self.fleet.snapshots()]
+        self.ui, cmd = on_key(self.ui, key, names)
+        if cmd is not None:
+            self._spawn(self._execute(*cmd, shown=self.ui.message))
+        self._dirty.set()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, verb: str, name: str, shown: str) -> None:
+        """The same requests as `ts-supervisor start|stop|restart|recover NAME`.
+        A refusal or a no-op ("already running") replaces the footer's message,
+        unless a newer key has replaced it already."""
+        if verb == "quit":
+            self.fleet.request_stop()
+            return
+        try:
+            answer = self.fleet.control_proxy(verb, name)
+        except Exception as e:  # never let an operator key take the view down
+            answer = {"ok": False, "error": f"{verb} {name}: {e}"}
+        if answer.get("ok") and str(answer.get("message", "")).endswith("requested"):
+            return
+        if self.ui.message == shown:
+            text = answer.get("message") if answer.get("ok") else f"error: {answer.get('error')}"
+            self.ui = replace(self.ui, message=str(text))
+            self._dirty.set()
+
+    # -- frames ----------------------------------------------------------------------
+
+    async def _load_panel(self) -> None:
+        """Fetch what the open panel shows (file reads off the loop)."""
+        ui = self.ui
+        if ui.panel is None or ui.panel_proxy is None:
+            self._panel_lines = []
+        elif ui.panel == "log":
+            path = self.fleet.data_dir / "proxies" / ui.panel_proxy / "tailscaled.log"
+            self._panel_lines = await asyncio.to_thread(tail_lines, path, PANEL_LINES)
+        else:
+            log = self.fleet.events
+            recent = [event_line(e) for e in (log.recent if log else []) if e.proxy == ui.panel_proxy]
+            if not recent:
+                recent = await asyncio.to_thread(events_from_file, self.fleet.data_dir / "events.jsonl",
+                                                 ui.panel_proxy, PANEL_LINES)
+            self._panel_lines = recent[-PANEL_LINES:]
+
     def frame(self) -> Group:
         snaps = self.fleet.snapshots()
-        return render(snaps, self.sampler.sample(snaps), errors=[str(e) for e in self.fleet.config_errors],
-                      width=self.console.width)
+        usage = self.sampler.sample(snaps)
+        errors = [str(e) for e in self.fleet.config_errors]
+        width = self.console.width
+        if not self.interactive:
+            return render(snaps, usage, errors=errors, width=width)
+        lines: Sequence[str] = ()
+        if self.ui.panel is not None:  # as many of the latest lines as the screen has room for
+            without = render(snaps, usage, errors=errors, width=width, ui=self.ui)
+            used = len(self.console.render_lines(without, self.console.options, pad=False))
+            room = max(3, self.console.height - used - 3)
+            lines = self._panel_lines[-room:]
+        return render(snaps, usage, errors=errors, width=width, ui=self.ui, panel_lines=lines)
 
     async def run(self) -> None:
-        with Live(self.frame(), console=self.console, auto_refresh=False, transient=False) as live:
-            while True:
-                try:
-                    await asyncio.wait_for(self._dirty.wait(), TICK)
-                except TimeoutError:
-                    pass
-                self._dirty.clear()
-                live.update(self.frame(), refresh=True)
+        loop = asyncio.get_running_loop()
+        with contextlib.ExitStack() as stack:
+            keys = (self.interactive and self.stdin is not None
+                    and stack.enter_context(cbreak(self.stdin)))
+            if keys:
+                loop.add_reader(self.stdin, self._on_readable)
+                stack.callback(loop.remove_reader, self.stdin)
+            with Live(self.frame(), console=self.console, auto_refresh=False, transient=False) as live:
+                while True:
+                    # not wait_for: on 3.11 it loses a cancel that races with the wait's end
+                    # (an event at the moment `run` stops us), and the view never exits
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(TICK):
+                            await self._dirty.wait()
+                    self._dirty.clear()
+                    await self._load_panel()
+                    live.update(self.frame(), refresh=True)

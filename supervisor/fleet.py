@@ -128,8 +128,10 @@ class Fleet:
                 "config_errors": [str(e) for e in self.config_errors]}
 
     async def _ipc_control(self, req: dict) -> dict:
-        """start | stop | restart | recover NAME, from the CLI or the console."""
-        cmd, name = req.get("cmd"), str(req.get("name", ""))
+        return self.control_proxy(str(req.get("cmd")), str(req.get("name", "")))
+
+    def control_proxy(self, cmd: str, name: str) -> dict:
+        """start | stop | restart | recover NAME, for the CLI (via the socket) and the console."""
         p = self.proxies.get(name)
         if p is None:
             return {"ok": False, "error": f"no proxy named {name!r}"}
@@ -191,7 +193,8 @@ class Fleet:
                 signature = _dir_signature(self.config_dir)
                 while not self._stop_requested:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), CONFIG_POLL)
+                        async with asyncio.timeout(CONFIG_POLL):  # (3.11's wait_for can eat a cancel)
+                            await self._wake.wait()
                     self._wake.clear()
                     now_sig = _dir_signature(self.config_dir)
                     if self._reload_requested or now_sig != signature:

@@ -176,7 +176,8 @@ class Proxy:
         deadline = self._next_deadline()
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            return await asyncio.wait_for(self._inbox.get(), timeout)
+            async with asyncio.timeout(timeout):  # (3.11's wait_for can eat a cancel)
+                return await self._inbox.get()
         except TimeoutError:
             return self._timers(time.monotonic())
 
