@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -82,20 +82,28 @@ def _rotated(f: Any, path: Path) -> bool:
         return False
 
 
+def _print_lines(path: Path, lines: int, follow: bool, show: Callable[[str], str | None],
+                 missing: str) -> int:
+    """Print the tail of a file (and, with follow, what is appended); Ctrl-C ends it."""
+    try:
+        for line in _follow(path, lines, follow):
+            text = show(line)
+            if text is not None:
+                print(text, flush=True)
+    except FileNotFoundError:
+        _err(missing)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     path = args.data_dir / "proxies" / args.name / "tailscaled.log"
     if not path.parent.is_dir():
         _err(f"no proxy named {args.name!r} in {args.data_dir}")
         return EXIT_ERROR
-    try:
-        for line in _follow(path, args.lines, args.follow):
-            print(redact(line), flush=True)
-    except FileNotFoundError:
-        _err(f"{path}: no log yet")
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        pass
-    return EXIT_OK
+    return _print_lines(path, args.lines, args.follow, redact, f"{path}: no log yet")
 
 
 def _event_line(raw: str) -> str:
@@ -110,18 +118,13 @@ def _event_line(raw: str) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
+    def show(line: str) -> str | None:
+        if args.name and f'"proxy": "{args.name}"' not in line:
+            return None
+        return line if args.json else _event_line(line)
     path = args.data_dir / "events.jsonl"
-    try:
-        for line in _follow(path, args.lines, args.follow):
-            if args.name and f'"proxy": "{args.name}"' not in line:
-                continue
-            print(line if args.json else _event_line(line), flush=True)
-    except FileNotFoundError:
-        _err(f"{path}: no events yet (has the supervisor run with this data dir?)")
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        pass
-    return EXIT_OK
+    return _print_lines(path, args.lines, args.follow, show,
+                        f"{path}: no events yet (has the supervisor run with this data dir?)")
 
 
 def _reload_if_running(data_dir: Path) -> None:

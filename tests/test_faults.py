@@ -111,10 +111,8 @@ def test_malformed_config_mid_run_keeps_the_proxy_running(sup, control, tmp_path
 @pytest.mark.parametrize("newcomer", ["zzz", "aaa"])  # sorting after and before the incumbent
 def test_duplicate_hostname_added_mid_run_is_refused(sup, control, tmp_path, newcomer):
     """The running proxy keeps its hostname, whatever the newcomer's file is called."""
-    path, _ = key_file(tmp_path, control, reusable=True)
-    proxy_on(sup, control, "app", path)
-    sup.start()
-    sup.wait_state("app", "running")
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    path = tmp_path / "app.secret"
     pid = sup.status()["app"]["pid"]
     n = len(sup.events())
 
@@ -292,10 +290,8 @@ def test_node_deleted_during_http_500_outage_recovers_once_after(sup, control, t
 def test_duplicate_hostname_refused_while_the_incumbent_file_is_broken(sup, control, tmp_path):
     """The running proxy keeps its hostname even while its own file is
     mid-edit and unparsable: it is still on the tailnet under that name."""
-    path, _ = key_file(tmp_path, control, reusable=True)
-    proxy_on(sup, control, "app", path)
-    sup.start()
-    sup.wait_state("app", "running")
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    path = tmp_path / "app.secret"
     pid = sup.status()["app"]["pid"]
     n = len(sup.events())
     atomic_write(sup.config_dir / "app.toml", 'hostname = "app\n')
