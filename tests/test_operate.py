@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import threading
 
 import psutil
 import pytest
@@ -124,3 +126,19 @@ def test_recover_forces_one_wipe_and_a_fresh_login(sup, control, tmp_path):
     sup.wait_state("app", "running", 30, after=n)
     assert [e["event"] for e in sup.events()[n:] if e["event"] == "wiped"] == ["wiped"]
     assert sup.status()["app"]["recoveries"] == 1
+
+
+def test_events_follow_shows_new_transitions_as_they_happen(sup, control, tmp_path):
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    follower = subprocess.Popen([sys.executable, "-m", "supervisor", "events", "app", "-f", "-n", "0",
+                                 "--data-dir", str(sup.data_dir)], stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        assert cli(sup, "restart", "app").returncode == 0
+        wait_for(lambda: any(" app: started, now starting" in l for l in lines), 15, "the restart, live")
+        wait_for(lambda: any(" app: running: " in l for l in lines), 30, "running again, live")
+    finally:
+        follower.terminate()
+        follower.wait(10)
