@@ -113,6 +113,7 @@ def parse_webhooks(raw: Any, where: str) -> tuple[tuple[Webhook, ...], list[str]
         return (), [f"{where}: webhook: must be [[webhook]] tables"]
     hooks, problems = [], []
     for i, t in enumerate(raw, 1):
+        before = len(problems)
         if not isinstance(t, dict):
             problems.append(f"{where}: webhook #{i}: must be a table")
             continue
@@ -126,6 +127,6 @@ def parse_webhooks(raw: Any, where: str) -> tuple[tuple[Webhook, ...], list[str]
             problems.append(f"{where}: webhook #{i}: format: must be one of {', '.join(FORMATS)}")
         if not isinstance(events, list) or not set(events) <= set(DEFAULT_EVENTS):
             problems.append(f"{where}: webhook #{i}: events: a list from {', '.join(DEFAULT_EVENTS)}")
-        if not problems:
+        if len(problems) == before:
             hooks.append(Webhook(url, fmt, tuple(events)))
     return tuple(hooks), problems

@@ -62,8 +62,10 @@ def test_webhook_fires_on_recovery_and_return_with_a_retry(sup, control, tmp_pat
     sup.settings["webhook"] = [{"url": receiver.url, "format": "json"}]
     run_proxy(sup, control, tmp_path, "app", reusable=True)
     assert receiver.requests == []  # a first start is not news
+    n = len(sup.events())
     control.admin("delete_node", id=control.node_named("app")["id"])
-    sup.wait_state("app", "running", 30, after=len(sup.events()) - 1)
+    sup.wait_state("app", "recovering", 10, after=n)
+    sup.wait_state("app", "running", 30, after=n)
     wait_for(lambda: [b["state"] for b in receiver.bodies()][-2:] == ["recovering", "running"], 20,
              "recovering and running delivered")
     states = [b["state"] for b in receiver.bodies()]

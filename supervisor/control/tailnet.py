@@ -10,6 +10,7 @@ Secrets are stored only as SHA-256 hashes, so the state file leaks nothing.
 """
 from __future__ import annotations
 
+import calendar
 import hashlib
 import ipaddress
 import json
@@ -44,7 +45,6 @@ def parse_rfc3339(text: str | None) -> float | None:
     if not m:
         raise ValueError(f"not an RFC 3339 time: {text[:40]!r}")
     y, mo, d, h, mi, s = (int(x) for x in m.groups()[:6])
-    import calendar
     t = calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) + float(m.group(7) or 0)
     tz = m.group(8)
     if tz != "Z":
