@@ -163,6 +163,7 @@ class Fleet:
     async def run(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock_fd = acquire_lock(self.data_dir)
+        procs.become_subreaper()  # what a child forks comes back to us, never lost to init
         pipe = procs.ParentDeathPipe()
         self.events = EventLog(self.data_dir / "events.jsonl")
         self.events.listeners.append(self._on_event)

@@ -1,21 +1,54 @@
 """Process handling: spawn children we own, stop them bottom-up, find the
 ones a killed supervisor left behind.
 
-Rules: every child gets its own process group, so a stop reaches everything
-it forked; we kill only by pid or process group, and only processes whose
-pidfile (pid + create time + argv) proves we started them.
+The one rule (trio's: whoever starts a child owns and reaps it): a signal
+only ever reaches a process we started and have not yet reaped.
+
+- Every child is held by a pidfd, opened before anything can reap it. A
+  signal goes through that pidfd (`pidfd_send_signal`), so once the child is
+  reaped the signal is ESRCH and can never reach a process that reused the
+  number. The pidfd is closed and dropped when `stop()` has reaped the child.
+- A child leads its own process group, so a stop also reaches what it forked.
+  The group is signalled by number only while the leader is unreaped (checked
+  with `waitid(P_PIDFD, WNOWAIT)` in the loop thread, the only place asyncio's
+  pidfd watcher reaps): an unreaped leader pins its pid and so its group id.
+- The supervisor is a child subreaper (`PR_SET_CHILD_SUBREAPER`): what a child
+  forked comes back to us when the child dies, as our own unreaped child, so
+  a leftover of a dead child's group is signalled as our child, never by a
+  bare group number.
+- A leftover from a killed supervisor (start-up sweep) is signalled only
+  through a pidfd opened *before* its identity (pidfile pid + create time +
+  argv) is checked, and only that process: never its group.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import json
 import os
+import select
 import signal
+import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process (Linux >= 3.4).
+    Returns False where the kernel refuses; stop() then cannot reach what a
+    dead child left behind, and says nothing (never a number-based sweep)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 class ParentDeathPipe:
@@ -35,12 +68,58 @@ class ParentDeathPipe:
                 pass
 
 
-@dataclass
+# ---------------------------------------------------------------------------
+# The child watcher: asyncio's pidfd watcher, which also hands us a pidfd of
+# our own for each child, opened in the same synchronous step as the fork,
+# before the child can be reaped.
+
+_fresh_pidfds: dict[int, int] = {}
+
+
+class _OwningPidfdWatcher(asyncio.PidfdChildWatcher):
+    """Python 3.11's PidfdChildWatcher (reaps in the loop thread, no thread
+    races), plus a second pidfd per child for procs.spawn to keep."""
+
+    def add_child_handler(self, pid, callback, *args):  # type: ignore[no-untyped-def]
+        if pid not in _fresh_pidfds:
+            # Called right after fork by asyncio, before this watcher can reap:
+            # the pid is still our child's.
+            _fresh_pidfds[pid] = os.pidfd_open(pid)
+        super().add_child_handler(pid, callback, *args)
+
+
+_watched_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _ensure_watcher() -> None:
+    """Install the owning pidfd watcher on the running loop (3.11). 3.12+
+    already reaps through pidfds in the loop; spawn then opens its pidfd
+    right after the fork, before the loop runs again."""
+    global _watched_loop
+    if sys.version_info >= (3, 12):
+        return
+    loop = asyncio.get_running_loop()
+    if _watched_loop is loop:
+        return
+    watcher = _OwningPidfdWatcher()
+    watcher.attach_loop(loop)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        asyncio.set_child_watcher(watcher)
+    _watched_loop = loop
+
+
+# ---------------------------------------------------------------------------
+# Children
+
+
+@dataclass(eq=False)
 class Child:
     role: str
     proc: asyncio.subprocess.Process
     create_time: float
     pidfile: Path | None = None
+    pidfd: int | None = None  # ours until stop() reaps the child; then None
 
     @property
     def pid(self) -> int:
@@ -51,110 +130,254 @@ class Child:
         return self.proc.returncode is None
 
 
+_live: dict[int, Child] = {}  # pid -> children spawned and not yet released by stop()
+
+
+class SpawnError(OSError):
+    """The child started but could not be recorded (e.g. ENOSPC on its pidfile);
+    it has been killed and reaped, so nothing runs untracked."""
+
+
+def _unreaped(pidfd: int) -> bool:
+    """True while the child behind `pidfd` has not been reaped (alive or zombie)."""
+    try:
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return True
+    except ChildProcessError:
+        return False
+    except OSError:
+        return False
+
+
+def send_signal(child: Child, sig: int, *, group: bool = True) -> None:
+    """Signal a child we own: its whole process group while the leader is
+    unreaped (that pins the group id), else nothing but the leader through
+    its pidfd (a reaped leader: ESRCH, silently). Never a bare number."""
+    fd = child.pidfd
+    if fd is None:
+        return  # released: reaped and forgotten
+    if group and _unreaped(fd):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, sig)  # start_new_session: the child leads its group
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        signal.pidfd_send_signal(fd, sig)
+
+
 async def spawn(role: str, argv: Sequence[str], env: dict[str, str], *,
                 pidfile: Path | None = None, pass_fds: Sequence[int] = ()) -> Child:
-    """Start a child in its own process group with stdout+stderr on one pipe."""
+    """Start a child in its own process group with stdout+stderr on one pipe.
+
+    Raises OSError if the child cannot start, SpawnError if it started but its
+    pidfile could not be written (the child is then already killed and reaped).
+    """
+    _ensure_watcher()
     proc = await asyncio.create_subprocess_exec(
         *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, start_new_session=True, pass_fds=tuple(pass_fds),
         limit=1 << 20)
+    pidfd = _fresh_pidfds.pop(proc.pid, None)
+    if pidfd is None and proc.returncode is None:  # 3.12+: no hook; the loop has not reaped yet
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(proc.pid)
     try:
         create_time = psutil.Process(proc.pid).create_time()
     except psutil.Error:
         create_time = 0.0
-    child = Child(role, proc, create_time, pidfile)
+    child = Child(role, proc, create_time, pidfile, pidfd)
+    _live[proc.pid] = child
     if pidfile is not None:
-        write_pidfile(pidfile, proc.pid, create_time, list(argv))
+        try:
+            write_pidfile(pidfile, proc.pid, create_time, list(argv))
+        except OSError as e:
+            child.pidfile = None
+            await stop(child, 0, signal.SIGKILL)
+            raise SpawnError(e.errno, f"{role}: cannot record the child in {pidfile}: "
+                                      f"{e.strerror or e}") from None
     return child
+
+
+async def lines(stream: asyncio.StreamReader, limit: int = 64 << 10):
+    """A child's output, line by line, as text. A line longer than `limit`
+    bytes is cut into pieces instead of ending the reader: the pipe must
+    keep draining, or the child blocks on a full pipe."""
+    while True:
+        try:
+            raw = await stream.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                yield e.partial.decode(errors="replace")
+            return
+        except asyncio.LimitOverrunError as e:
+            raw = await stream.read(max(e.consumed, 1))
+        except ValueError:  # the stream's own limit, past a separator search
+            raw = await stream.read(limit)
+        yield raw[:limit].decode(errors="replace").rstrip("\n")
 
 
 def write_pidfile(path: Path, pid: int, create_time: float, argv: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": pid, "create_time": create_time, "argv": argv}))
-    os.replace(tmp, path)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
     try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        tmp.write_text(json.dumps({"pid": pid, "create_time": create_time, "argv": argv}))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _group_members(pgid: int) -> list[psutil.Process]:
-    members = []
-    for p in psutil.process_iter():
+def _leftovers(pgid: int) -> list[psutil.Process]:
+    """Our own children (re-parented to us, the subreaper) that are still in
+    the group of a leader we just reaped and that we did not spawn ourselves.
+    While any of them is in the group, no new process can take the number."""
+    out = []
+    try:
+        kids = psutil.Process().children()
+    except psutil.Error:
+        return out
+    for p in kids:
+        if p.pid in _live:
+            continue
         try:
             if os.getpgid(p.pid) == pgid:
-                members.append(p)
-        except (ProcessLookupError, psutil.Error, OSError):
+                out.append(p)
+        except OSError:
             continue
-    return members
+    return out
+
+
+def _kill_and_reap(procs_: list[psutil.Process]) -> None:
+    for p in procs_:
+        with contextlib.suppress(psutil.Error):
+            p.kill()  # our unreaped child: its pid cannot have been reused
+    for p in procs_:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(p.pid, 0)
+
+
+async def _exits(child: Child, timeout: float) -> bool:
+    """Wait up to `timeout` s for the child itself to exit (its pidfd turns
+    readable). Not proc.wait(): that also waits for every holder of the
+    child's pipes, and a grandchild can hold them forever."""
+    fd = child.pidfd
+    if fd is None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(child.proc.wait()), timeout)
+        return child.proc.returncode is not None
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await asyncio.wait_for(done, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
 
 
 async def stop(child: Child, grace: float, sig: int = signal.SIGTERM) -> int | None:
-    """TERM the child's group, give it `grace` seconds, KILL the group, sweep
-    any member psutil still finds, and always reap. Returns the exit status."""
-    pgid = child.pid  # start_new_session: the child leads its own group
-    if child.alive:
-        _signal_group(pgid, sig)
-        try:
-            await asyncio.wait_for(child.proc.wait(), grace)
-        except TimeoutError:
-            _signal_group(pgid, signal.SIGKILL)
-    if child.alive:
-        try:
-            await asyncio.wait_for(child.proc.wait(), 5)
-        except TimeoutError:
-            pass
-    # Grandchildren in the group outlive their parent; find and kill them too.
-    leftovers = await asyncio.to_thread(_group_members, pgid)
-    for p in leftovers:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+    """TERM the child's group, give it `grace` seconds, KILL the group, take
+    back and kill what the group left re-parented to us, and always reap.
+    Releases the child (its pidfd) afterwards. Returns the exit status."""
+    if child.pidfd is None and child.pid not in _live:
+        return child.proc.returncode  # already stopped and released
+    send_signal(child, sig)
+    if not await _exits(child, grace):
+        send_signal(child, signal.SIGKILL)
+        await _exits(child, 5)
+    send_signal(child, signal.SIGKILL)  # the rest of the group, while the leader still pins it
+    # Anything it forked that outlived it is our child now (subreaper).
+    leftovers = await asyncio.to_thread(_leftovers, child.pid)
     if leftovers:
-        await asyncio.to_thread(psutil.wait_procs, leftovers, 5)
+        await asyncio.to_thread(_kill_and_reap, leftovers)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(child.proc.wait()), 5)
+    release(child)
     if child.pidfile is not None:
         child.pidfile.unlink(missing_ok=True)
     return child.proc.returncode
 
 
-def find_orphans(pidfiles: Iterable[Path]) -> list[tuple[Path, psutil.Process]]:
-    """Processes named by leftover pidfiles that are provably ours: same pid,
-    same create time, same argv. Anything else is never touched."""
+def release(child: Child) -> None:
+    """Forget a child: close its pidfd. After this no signal can reach it."""
+    if _live.get(child.pid) is child:
+        del _live[child.pid]
+    fd, child.pidfd = child.pidfd, None
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# Leftovers of a killed supervisor
+
+
+@dataclass
+class Orphan:
+    pidfile: Path
+    process: psutil.Process
+    pidfd: int
+
+    def describe(self) -> str:
+        try:
+            argv = " ".join(self.process.cmdline()[:2])
+        except psutil.Error:
+            argv = "?"
+        return f"pid {self.process.pid} ({argv})"
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+
+
+def find_orphans(pidfiles: Iterable[Path]) -> list[Orphan]:
+    """Processes named by leftover pidfiles that are provably ours: a pidfd is
+    opened first, then pid, create time and argv must all match, so the
+    pidfd holds exactly the process that was checked. Anything else is never
+    touched, and its stale pidfile is removed. Callers close() what they get."""
     found = []
     for pidfile in pidfiles:
+        pidfd = None
         try:
             rec = json.loads(pidfile.read_text())
-            p = psutil.Process(int(rec["pid"]))
+            pid = int(rec["pid"])
+            if pid <= 1:
+                raise ValueError("not a child pid")
+            pidfd = os.pidfd_open(pid)
+            p = psutil.Process(pid)
             if abs(p.create_time() - float(rec["create_time"])) < 0.05 and p.cmdline() == rec["argv"]:
-                found.append((pidfile, p))
-            else:
-                pidfile.unlink(missing_ok=True)
+                found.append(Orphan(pidfile, p, pidfd))
+                continue
         except (OSError, ValueError, KeyError, TypeError, psutil.Error):
-            pidfile.unlink(missing_ok=True)
+            pass
+        if pidfd is not None:
+            os.close(pidfd)
+        pidfile.unlink(missing_ok=True)
     return found
 
 
-def kill_orphans(pidfiles: Iterable[Path]) -> list[str]:
-    """Stop what a killed supervisor left running (bottom-up: children first,
-    then the leader, by process group). Returns a description of each."""
+def _wait_pidfd(pidfd: int, timeout: float) -> bool:
+    """Wait until the process behind pidfd has exited (readable). Not our
+    child, so no reaping: whoever is its parent now does that."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
+
+
+def kill_orphans(pidfiles: Iterable[Path], grace: float = 5.0) -> list[str]:
+    """Stop what a killed supervisor left running: SIGKILL through each
+    verified pidfd, waiting up to `grace` for each to exit. Only the verified
+    process is signalled, never its group by number. Returns a description
+    of each."""
     killed = []
-    groups: list[psutil.Process] = []
-    for path, p in find_orphans(pidfiles):
-        killed.append(f"pid {p.pid} ({' '.join(p.cmdline()[:2])})")
-        groups.append(p)
-        path.unlink(missing_ok=True)
-    for p in groups:
+    for o in find_orphans(pidfiles):
         try:
-            members = [m for m in _group_members(p.pid) if m.pid != p.pid]
-            for m in members:
-                m.kill()
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(groups, 5)
+            killed.append(o.describe())
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(o.pidfd, signal.SIGKILL)
+            _wait_pidfd(o.pidfd, grace)
+            o.pidfile.unlink(missing_ok=True)
+        finally:
+            o.close()
     return killed
