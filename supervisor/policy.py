@@ -47,6 +47,8 @@ def _short(text: str, limit: int = 200) -> str:
 
 def from_bus(ev: BusEvent) -> list[Verdict]:
     out: list[Verdict] = []
+    if ev.malformed:  # one bad frame costs one line, never the watch
+        return [Verdict(None, f"ignored a malformed IPN bus message: {ev.malformed}")]
     if ev.err_message:
         sig = Signal.AUTH_FAILURE if is_rejection(ev.err_message) else None
         out.append(Verdict(sig, _short(ev.err_message)))

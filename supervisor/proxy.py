@@ -352,8 +352,7 @@ class Proxy:
 
     async def _follow_tailscaled(self, L: Launch, child: procs.Child) -> None:
         assert child.proc.stdout is not None
-        async for raw in child.proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
+        async for line in procs.lines(child.proc.stdout):
             L.tail.append(line)
             if self._log:
                 self._log.write(line)
@@ -461,8 +460,7 @@ class Proxy:
     async def _follow_serve(self, L: Launch, child: procs.Child) -> None:
         assert child.proc.stdout is not None
         tail: deque[str] = deque(maxlen=5)
-        async for raw in child.proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
+        async for line in procs.lines(child.proc.stdout):
             if line.strip():
                 tail.append(line)
                 if self._log:

@@ -8,6 +8,7 @@ module, not the supervisor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ NOTIFY_RATE_LIMIT = 1 << 8  # throttles only netmap/engine spam; State and ErrMe
 BUS_MASK = NOTIFY_INITIAL_STATE | NOTIFY_NO_PRIVATE_KEYS | NOTIFY_INITIAL_HEALTH | NOTIFY_RATE_LIMIT
 
 STATE_FILE = "tailscaled.state"
+MAX_BODY = 32 << 20  # bytes: a LocalAPI answer or bus line larger than this is refused
 SOCKET_FILE = "tailscaled.sock"
 
 
@@ -44,10 +46,16 @@ class BackendState(IntEnum):
     RUNNING = 6
 
     @classmethod
-    def parse(cls, value: int | str) -> "BackendState":
+    def parse(cls, value: Any) -> "BackendState | None":
+        """An ipn.State as an integer (the bus) or a name (`status`); None for
+        anything else, including values a newer tailscale might add."""
+        if isinstance(value, bool):
+            return None
         if isinstance(value, int):
-            return cls(value)
-        return _STATE_NAMES[value]
+            return cls(value) if value in cls._value2member_map_ else None
+        if isinstance(value, str):
+            return _STATE_NAMES.get(value)
+        return None
 
 
 _STATE_NAMES = {
@@ -187,6 +195,18 @@ class LocalAPIError(Exception):
         self.body = body
 
 
+def _map(v: Any) -> Mapping[str, Any]:
+    return v if isinstance(v, Mapping) else {}
+
+
+def _str(v: Any) -> str:
+    return v if isinstance(v, str) else ""
+
+
+def _strs(v: Any) -> tuple[str, ...]:
+    return tuple(x for x in v if isinstance(x, str)) if isinstance(v, list) else ()
+
+
 @dataclass(frozen=True)
 class BusEvent:
     """One IPN bus Notify, reduced to what supervision needs."""
@@ -199,22 +219,35 @@ class BusEvent:
     login_finished: bool = False
     version: str | None = None
 
+    malformed: str = ""  # set when the line was not a Notify we can read (and nothing else is)
+
     @classmethod
-    def parse(cls, n: Mapping[str, Any]) -> "BusEvent":
-        state = n.get("State")
+    def parse(cls, n: Any) -> "BusEvent":
+        """Total: any JSON value gives a BusEvent. Fields of the wrong type
+        count as absent; a value that is not an object gives `malformed`."""
+        if not isinstance(n, Mapping):
+            return cls(malformed=f"not a JSON object: {type(n).__name__}")
         health = n.get("Health")
         warnings = None
         if isinstance(health, Mapping):
-            warnings = {code: str((w or {}).get("Text", ""))
-                        for code, w in (health.get("Warnings") or {}).items()}
+            warnings = {str(code): _str(_map(w).get("Text"))
+                        for code, w in _map(health.get("Warnings")).items()}
         return cls(
-            state=BackendState.parse(state) if state is not None else None,
-            err_message=n.get("ErrMessage") or None,
-            browse_to_url=n.get("BrowseToURL") or None,
+            state=BackendState.parse(n.get("State")),
+            err_message=_str(n.get("ErrMessage")) or None,
+            browse_to_url=_str(n.get("BrowseToURL")) or None,
             health=warnings,
             login_finished=n.get("LoginFinished") is not None,
-            version=n.get("Version") or None,
+            version=_str(n.get("Version")) or None,
         )
+
+    @classmethod
+    def parse_line(cls, line: bytes) -> "BusEvent":
+        """One line of the IPN bus stream; never raises."""
+        try:
+            return cls.parse(json.loads(line))
+        except (ValueError, RecursionError) as e:
+            return cls(malformed=f"not JSON ({type(e).__name__}, {len(line)} bytes)")
 
 
 @dataclass(frozen=True)
@@ -235,22 +268,43 @@ class NodeStatus:
     peers: tuple[Mapping[str, Any], ...] = field(default=(), repr=False)
 
     @classmethod
-    def parse(cls, s: Mapping[str, Any]) -> "NodeStatus":
-        me = s.get("Self") or {}
+    def parse(cls, s: Any) -> "NodeStatus":
+        """/localapi/v0/status. Fields of the wrong type count as absent.
+        Raises LocalAPIError if the answer is not an object with a BackendState."""
+        if not isinstance(s, Mapping):
+            raise LocalAPIError(0, f"status: not a JSON object: {type(s).__name__}")
+        state = BackendState.parse(s.get("BackendState"))
+        if state is None:
+            raise LocalAPIError(0, f"status: unknown BackendState {str(s.get('BackendState'))[:40]!r}")
+        me = _map(s.get("Self"))
+        expiry = me.get("KeyExpiry")
         return cls(
-            backend_state=BackendState.parse(s.get("BackendState", "NoState")),
-            auth_url=s.get("AuthURL") or "",
-            tailscale_ips=tuple(s.get("TailscaleIPs") or ()),
-            dns_name=(me.get("DNSName") or "").rstrip("."),
-            hostname=me.get("HostName") or "",
-            node_id=str(me.get("ID") or ""),
-            expired=bool(me.get("Expired")),
-            key_expiry=me.get("KeyExpiry"),
-            online=bool(me.get("Online")),
-            health=tuple(s.get("Health") or ()),
-            version=s.get("Version") or "",
-            peers=tuple((s.get("Peer") or {}).values()),
+            backend_state=state,
+            auth_url=_str(s.get("AuthURL")),
+            tailscale_ips=_strs(s.get("TailscaleIPs")),
+            dns_name=_str(me.get("DNSName")).rstrip("."),
+            hostname=_str(me.get("HostName")),
+            node_id=str(me.get("ID") or "") if isinstance(me.get("ID"), (str, int)) else "",
+            expired=me.get("Expired") is True,
+            key_expiry=expiry if isinstance(expiry, str) else None,
+            online=me.get("Online") is True,
+            health=_strs(s.get("Health")),
+            version=_str(s.get("Version")),
+            peers=tuple(p for p in _map(s.get("Peer")).values() if isinstance(p, Mapping)),
         )
+
+
+def serve_ports(cfg: Any) -> set[int]:
+    """Tailnet ports an ipn.ServeConfig (JSON) listens on, foreground
+    sessions (`Foreground[session]`) included. Malformed parts are ignored."""
+    cfg = _map(cfg)
+    layers = [cfg, *(v for v in _map(cfg.get("Foreground")).values())]
+    ports = set()
+    for layer in layers:
+        for p in _map(_map(layer).get("TCP")):
+            if str(p).isdigit() and 0 < int(p) < 65536:
+                ports.add(int(p))
+    return ports
 
 
 class LocalAPI:
@@ -276,7 +330,7 @@ class LocalAPI:
             await writer.drain()
             status_line = await reader.readline()
             parts = status_line.decode("latin-1").split(" ", 2)
-            if len(parts) < 2 or not parts[1].isdigit():
+            if len(parts) < 2 or not parts[1].isdigit() or len(parts[1]) != 3:
                 raise LocalAPIError(0, f"bad status line {status_line[:80]!r}")
             headers: dict[str, str] = {}
             while True:
@@ -297,19 +351,33 @@ class LocalAPI:
                 size_line = await reader.readline()
                 if not size_line:
                     return
-                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                try:
+                    size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                except ValueError:
+                    raise LocalAPIError(0, f"bad chunk size {size_line[:40]!r}") from None
                 if size == 0:
                     return
+                if size < 0 or size > MAX_BODY:
+                    raise LocalAPIError(0, f"chunk of {size} bytes")
                 data = await reader.readexactly(size)
                 await reader.readexactly(2)
                 yield data
         elif "content-length" in headers:
-            yield await reader.readexactly(int(headers["content-length"]))
+            length = headers["content-length"]
+            if not length.isdigit() or int(length) > MAX_BODY:
+                raise LocalAPIError(0, f"bad Content-Length {length[:40]!r}")
+            yield await reader.readexactly(int(length))
         else:
+            total = 0
             while chunk := await reader.read(65536):
+                total += len(chunk)
+                if total > MAX_BODY:
+                    raise LocalAPIError(0, f"answer over {MAX_BODY} bytes")
                 yield chunk
 
     async def request(self, method: str, path: str, body: Any = None) -> bytes:
+        """One request. Raises OSError (socket), LocalAPIError (HTTP >= 300 or a
+        malformed answer) or asyncio.IncompleteReadError (cut short)."""
         data = b"" if body is None else json.dumps(body).encode()
         reader, writer, status, headers = await self._open(method, path, data)
         try:
@@ -320,30 +388,41 @@ class LocalAPI:
             raise LocalAPIError(status, out.decode(errors="replace"))
         return out
 
+    async def get_json(self, path: str) -> Any:
+        """GET and decode; a body that is not JSON is a LocalAPIError."""
+        raw = await self.request("GET", path)
+        try:
+            return json.loads(raw or b"null")
+        except (ValueError, RecursionError):
+            raise LocalAPIError(0, f"{path}: answer is not JSON ({len(raw)} bytes)") from None
+
     async def status(self) -> NodeStatus:
-        return NodeStatus.parse(json.loads(await self.request("GET", "/localapi/v0/status")))
+        return NodeStatus.parse(await self.get_json("/localapi/v0/status"))
 
     async def status_raw(self) -> dict[str, Any]:
-        return json.loads(await self.request("GET", "/localapi/v0/status"))
+        return await self.get_json("/localapi/v0/status")
 
     async def serve_ports(self) -> set[int]:
         """Tailnet ports the current serve config listens on."""
-        raw = await self.request("GET", "/localapi/v0/serve-config")
-        cfg = json.loads(raw or b"{}") or {}
-        # a foreground `tailscale serve` keeps its config under Foreground[session]
-        layers = [cfg, *(cfg.get("Foreground") or {}).values()]
-        return {int(p) for layer in layers for p in (layer.get("TCP") or {})}
+        return serve_ports(await self.get_json("/localapi/v0/serve-config"))
 
     async def ping(self) -> None:
         """The cheapest request that proves tailscaled's LocalAPI is serving."""
         await self.request("GET", "/localapi/v0/status?peers=false")
 
     async def watch_bus(self, mask: int = BUS_MASK) -> AsyncIterator[BusEvent]:
-        """Yield each Notify as it happens. Ends when tailscaled closes the stream."""
-        async for raw in self.watch_bus_raw(mask):
-            yield BusEvent.parse(raw)
+        """Yield each Notify as it happens (a line that is not one yields a
+        BusEvent with `malformed` set). Ends when tailscaled closes the stream."""
+        async for line in self.watch_bus_lines(mask):
+            yield BusEvent.parse_line(line)
 
-    async def watch_bus_raw(self, mask: int = BUS_MASK) -> AsyncIterator[dict[str, Any]]:
+    async def watch_bus_raw(self, mask: int = BUS_MASK) -> AsyncIterator[Any]:
+        """The decoded Notify objects (tests and tools); bad lines are skipped."""
+        async for line in self.watch_bus_lines(mask):
+            with contextlib.suppress(ValueError, RecursionError):
+                yield json.loads(line)
+
+    async def watch_bus_lines(self, mask: int = BUS_MASK) -> AsyncIterator[bytes]:
         reader, writer, status, headers = await self._open(
             "GET", f"/localapi/v0/watch-ipn-bus?mask={mask}")
         try:
@@ -356,6 +435,8 @@ class LocalAPI:
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
                     if line.strip():
-                        yield json.loads(line)
+                        yield line
+                if len(buf) > MAX_BODY:
+                    raise LocalAPIError(0, f"IPN bus line over {MAX_BODY} bytes")
         finally:
             writer.close()
