@@ -1,7 +1,10 @@
 """The running supervisor's control socket: DATA/supervisor.sock, mode 0600.
 
-One JSON request line, one JSON answer line. The CLI (`status`, and later
-`restart`/`stop`/...) is a client; the fleet registers the handlers.
+One JSON request line (an object with a string "cmd", at most MAX_REQUEST
+bytes), one JSON answer line ({"ok": bool, "error"?: str, ...}). The CLI
+(`status`, `restart`, `stop`, ...) is a client; the fleet registers the
+handlers. Whatever a client sends costs that one connection: the server
+answers with one error line (or just closes) and keeps serving the others.
 """
 from __future__ import annotations
 
@@ -14,14 +17,27 @@ from pathlib import Path
 from typing import Any
 
 SOCKET_NAME = "supervisor.sock"
+MAX_REQUEST = 64 << 10   # bytes, newline included
+MAX_ANSWER = 16 << 20    # bytes the client reads before it gives up on an answer
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-class NotRunning(Exception):
-    pass
+class IPCError(ConnectionError):
+    """The supervisor's answer could not be had or read (str: one line, the reason).
+    A ConnectionError, so callers that treat OSError as "no answer" keep doing so."""
+
+
+class NotRunning(IPCError):
+    """Nothing listens on DATA/supervisor.sock."""
+
+
+def _error(text: str) -> dict[str, Any]:
+    return {"ok": False, "error": text}
 
 
 class IPCServer:
+    request_timeout = 10.0  # seconds a client has to send its request line
+
     def __init__(self, data_dir: Path, handlers: dict[str, Handler]):
         self.path = data_dir / SOCKET_NAME
         self.handlers = handlers
@@ -31,7 +47,8 @@ class IPCServer:
         self.path.unlink(missing_ok=True)
         old = os.umask(0o177)  # the socket is born 0600: no window where others can connect
         try:
-            self._server = await asyncio.start_unix_server(self._serve, str(self.path), limit=1 << 20)
+            self._server = await asyncio.start_unix_server(self._serve, str(self.path),
+                                                           limit=MAX_REQUEST)
         finally:
             os.umask(old)
 
@@ -42,40 +59,104 @@ class IPCServer:
         self.path.unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection: read one line, write one answer line, close. Never raises
+        (but for cancellation): a client that sends nothing and leaves gets no answer."""
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
-            try:
-                req = json.loads(line)
-                handler = self.handlers.get(req.get("cmd")) if isinstance(req, dict) else None
-                if handler is None:
-                    answer = {"ok": False, "error": f"unknown command {req.get('cmd') if isinstance(req, dict) else req!r}"}
-                else:
-                    answer = await handler(req)
-            except ValueError:
-                answer = {"ok": False, "error": "request is not a JSON line"}
-            writer.write(json.dumps(answer).encode() + b"\n")
-            await writer.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
-            pass
+            answer = await self._answer(reader)
+            if answer is not None:
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+        except (OSError, RuntimeError):
+            pass  # the client went away before its answer
         finally:
-            writer.close()
+            try:
+                writer.close()
+            except (OSError, RuntimeError):
+                pass
+
+    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any] | None:
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            return _error(f"request is over {MAX_REQUEST >> 10} KiB")
+        except asyncio.IncompleteReadError as e:  # EOF before a newline: the request is what came
+            line = e.partial
+            if not line:
+                return None
+        except TimeoutError:
+            return _error(f"no request line within {self.request_timeout:g} s")
+        try:
+            req = json.loads(line)
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep
+            return _error("request is not a JSON line")
+        if not isinstance(req, dict):
+            return _error("request must be a JSON object")
+        cmd = req.get("cmd")
+        handler = self.handlers.get(cmd) if isinstance(cmd, str) else None
+        if handler is None:
+            shown = repr(cmd)
+            return _error(f"unknown command {shown[:60] + '...' if len(shown) > 60 else shown}"
+                          f" (known: {', '.join(sorted(self.handlers))})")
+        try:
+            answer = await handler(req)
+            json.dumps(answer)  # an answer that cannot be sent is the handler's failure
+        except Exception as e:  # a bad argument must not end the connection without a word
+            return _error(f"{cmd} failed: {type(e).__name__}")
+        return answer
 
 
 def call(data_dir: Path, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
-    """Blocking client for the CLI."""
+    """Blocking client for the CLI: send {"cmd": cmd, **args}, return the answer object.
+
+    Raises NotRunning if no supervisor listens, PermissionError if the socket is
+    not ours, and IPCError (one line) for a request that cannot be sent or an
+    answer that is missing, late, over MAX_ANSWER bytes, or not a JSON object.
+    """
     path = data_dir / SOCKET_NAME
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(str(path))
     except (FileNotFoundError, ConnectionRefusedError):
+        s.close()
         raise NotRunning(f"no ts-supervisor is running with data dir {data_dir}") from None
+    except TimeoutError:
+        s.close()
+        raise IPCError(f"the supervisor accepted no connection within {timeout:g} s") from None
+    except BaseException:
+        s.close()
+        raise
+    try:
+        request = json.dumps({"cmd": cmd, **args}).encode() + b"\n"
+    except (TypeError, ValueError) as e:
+        raise IPCError(f"request cannot be sent: {e}") from None
     with s:
-        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        try:
+            s.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server refused it early (too long, say); its answer says why
+        except TimeoutError:
+            raise IPCError(f"the supervisor took no request within {timeout:g} s") from None
         buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    return json.loads(buf)
+        try:
+            while not buf.endswith(b"\n") and len(buf) <= MAX_ANSWER:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except TimeoutError:
+            raise IPCError(f"no answer from the supervisor within {timeout:g} s") from None
+        except OSError as e:
+            raise IPCError(f"the connection to the supervisor broke: {e.strerror or e}") from None
+    if len(buf) > MAX_ANSWER:
+        raise IPCError(f"the supervisor's answer is over {MAX_ANSWER >> 20} MiB")
+    if not buf.strip():
+        raise IPCError("the supervisor closed the connection without an answer")
+    try:
+        answer = json.loads(buf)
+    except (ValueError, RecursionError):
+        raise IPCError("the supervisor's answer is not JSON") from None
+    if not isinstance(answer, dict):
+        raise IPCError("the supervisor's answer is not a JSON object")
+    return answer
