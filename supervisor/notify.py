@@ -1,25 +1,34 @@
 """Webhooks: tell someone when a proxy needs a recovery, fails, or is back.
 
 Each webhook has its own queue and delivery task, so a slow or dead receiver
-delays only itself: supervision never waits on a notification. Delivery
-retries with exponential backoff; the URL is a secret (it usually embeds a
-token), so it is registered for redaction and never printed.
+delays only itself: supervision never waits on a notification, and no
+receiver's answer (a 500, a redirect, a hang, bytes that are not HTTP) can
+end a delivery task. A delivery gets ATTEMPTS tries with exponential backoff;
+a non-2xx answer is a failed try; when all fail, one `webhook_failed` note
+says so. Every payload field passes through `redact()`, and the URL is a
+secret (it usually embeds a token), so it is registered for redaction and
+never printed.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import ssl
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, TypeVar
 
-from supervisor.events import Event, iso, register_secret
+from supervisor.events import Event, iso, redact, register_secret
 
 FORMATS = ("json", "ntfy", "discord")
 DEFAULT_EVENTS = ("recovering", "failed", "running")
 ATTEMPTS = 5
 QUEUE_LIMIT = 1000
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,33 +50,87 @@ def worth_telling(ev: Event, last_state: dict[str, str]) -> bool:
 
 
 def payload(hook: Webhook, ev: Event) -> tuple[bytes, dict[str, str]]:
-    """The request body and headers for one event in the webhook's format."""
-    text = f"{ev.proxy}: {ev.state}" + (f": {ev.reason}" if ev.reason else "")
+    """The request body and headers for one event in the webhook's format.
+    Every text taken from the event is redacted."""
+    proxy, state, reason = redact(ev.proxy), redact(ev.state or ""), redact(ev.reason)
+    text = f"{proxy}: {state}" + (f": {reason}" if reason else "")
     if hook.format == "ntfy":
         prio = {"failed": "urgent", "recovering": "high"}.get(ev.state or "", "default")
-        return text.encode(), {"Title": f"ts-supervisor: {ev.proxy} {ev.state}", "Priority": prio,
+        return text.encode(), {"Title": f"ts-supervisor: {proxy} {state}", "Priority": prio,
                                "Tags": "warning" if ev.state != "running" else "white_check_mark"}
     if hook.format == "discord":
         return json.dumps({"content": f"**ts-supervisor** {text}"}).encode(), \
             {"Content-Type": "application/json"}
-    body = {"proxy": ev.proxy, "event": ev.kind, "state": ev.state, "reason": ev.reason,
-            "time": iso(ev.wall)}
+    body = {"proxy": proxy, "event": redact(ev.kind), "state": ev.state and state,
+            "reason": reason, "time": iso(ev.wall)}
     return json.dumps(body).encode(), {"Content-Type": "application/json"}
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any) -> None:
+        return None  # a 3xx is a failed attempt: the body goes to the URL configured, or nowhere
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
+
+
 def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
+    """POST; the 2xx status, or an exception (urllib's HTTPError for any other status)."""
     req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+    with _opener.open(req, timeout=timeout) as resp:
         return resp.status
 
 
+def _why(e: BaseException) -> str:
+    """One short line for a failed attempt that quotes neither the URL nor the receiver's bytes."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code}"
+    if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException):
+        e = e.reason
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, ssl.SSLError):
+        return f"TLS: {e.reason or type(e).__name__}"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror  # "Connection refused", "Name or service not known"
+    return type(e).__name__  # BadStatusLine, RemoteDisconnected, InvalidURL, ...: their text may quote either
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a daemon thread of its own. A receiver that keeps a
+    request alive (cancelled by its deadline, but still blocking its thread)
+    can then neither starve the fleet's default executor nor delay exit."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+    def work() -> None:
+        try:
+            outcome = (True, fn(*args))
+        except Exception as e:
+            outcome = (False, e)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=work, name="webhook", daemon=True).start()
+    return await fut
+
+
 class Notifier:
-    """Listens to the event log; delivers in the background, one task per webhook."""
+    """Listens to the event log; delivers in the background, one task per webhook.
+
+    `note(kind, reason)` makes an event line (kinds: webhook_failed,
+    webhook_dropped); it never carries the URL. `backoff` is the first retry's
+    delay in seconds (doubling after), `timeout` the seconds one attempt may take.
+    """
 
     def __init__(self, hooks: tuple[Webhook, ...], note: Callable[[str, str], None],
                  backoff: float = 1.0, timeout: float = 10.0) -> None:
         self.hooks = hooks
-        self.note = note  # (kind, reason) -> an event line; never carries the URL
+        self.note = note
         self.backoff = backoff
         self.timeout = timeout
         self._queues = [asyncio.Queue[Event](QUEUE_LIMIT) for _ in hooks]
@@ -78,33 +141,52 @@ class Notifier:
     def on_event(self, ev: Event) -> None:
         if not worth_telling(ev, self._last):
             return
-        for hook, q in zip(self.hooks, self._queues):
+        for n, (hook, q) in enumerate(zip(self.hooks, self._queues), 1):
             if ev.state in hook.events:
                 try:
                     q.put_nowait(ev)
                 except asyncio.QueueFull:
-                    self.note("webhook_dropped", f"webhook #{self.hooks.index(hook) + 1}: queue full")
+                    self.note("webhook_dropped", f"webhook #{n}: queue full")
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for i, (hook, q) in enumerate(zip(self.hooks, self._queues)):
-                tg.create_task(self._deliver(i + 1, hook, q))
+        """Deliver until cancelled. Each webhook's task is on its own: none can end another."""
+        tasks = [asyncio.create_task(self._deliver(n, hook, q), name=f"webhook #{n}")
+                 for n, (hook, q) in enumerate(zip(self.hooks, self._queues), 1)]
+        try:
+            if tasks:
+                await asyncio.wait(tasks)  # they end only when cancelled
+            else:
+                await asyncio.Event().wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _deliver(self, n: int, hook: Webhook, q: asyncio.Queue[Event]) -> None:
         while True:
             ev = await q.get()
-            body, headers = payload(hook, ev)
-            for attempt in range(1, ATTEMPTS + 1):
-                try:
-                    await asyncio.to_thread(_post, hook.url, body, headers, self.timeout)
-                    break
-                except (OSError, urllib.error.URLError) as e:
-                    why = getattr(e, "reason", None) or e
-                    if attempt == ATTEMPTS:
-                        self.note("webhook_failed", f"webhook #{n}: gave up on {ev.proxy} {ev.state} "
-                                                    f"after {ATTEMPTS} attempts: {why}")
-                        break
-                    await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                why = await self._send(hook, ev)
+            except Exception as e:  # a fault of ours (say, in payload): it costs this delivery only
+                why = f"could not send: {type(e).__name__}"
+            if why is not None:
+                self.note("webhook_failed", redact(f"webhook #{n}: gave up on {ev.proxy} {ev.state}: "
+                                                   f"{why}").replace("\n", " ")[:300])
+
+    async def _send(self, hook: Webhook, ev: Event) -> str | None:
+        """Deliver one event; None, or why the last of ATTEMPTS attempts failed."""
+        body, headers = payload(hook, ev)
+        why = ""
+        for attempt in range(1, ATTEMPTS + 1):
+            if attempt > 1:
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 2))
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await _in_daemon_thread(_post, hook.url, body, headers, self.timeout)
+                return None
+            except Exception as e:
+                why = _why(e)
+        return f"{ATTEMPTS} attempts, the last: {why}"
 
 
 def parse_webhooks(raw: Any, where: str) -> tuple[tuple[Webhook, ...], list[str]]:

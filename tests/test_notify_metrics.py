@@ -58,8 +58,36 @@ def receiver() -> Iterator[Receiver]:
     r.server.server_close()
 
 
-def test_webhook_fires_on_recovery_and_return_with_a_retry(sup, control, tmp_path, receiver):
-    sup.settings["webhook"] = [{"url": receiver.url, "format": "json"}]
+@pytest.fixture
+def garbage() -> Iterator[str]:
+    """A receiver that answers every POST with bytes that are not HTTP (BadStatusLine)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"garbage\r\n\r\n")
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}/hook/garbage-token"
+    done.set()
+    srv.close()
+
+
+def test_webhook_fires_on_recovery_and_return_with_a_retry(sup, control, tmp_path, receiver, garbage):
+    """A second webhook whose receiver answers garbage costs its own deliveries
+    (one webhook_failed note, no URL), never the first's."""
+    sup.settings["webhook"] = [{"url": garbage, "format": "json"}, {"url": receiver.url, "format": "json"}]
     run_proxy(sup, control, tmp_path, "app", reusable=True)
     assert receiver.requests == []  # a first start is not news
     n = len(sup.events())
@@ -71,8 +99,12 @@ def test_webhook_fires_on_recovery_and_return_with_a_retry(sup, control, tmp_pat
     states = [b["state"] for b in receiver.bodies()]
     assert states[0] == "recovering" and states.count("recovering") == 2  # the 500, then the retry
     assert receiver.bodies()[-1]["proxy"] == "app"
+    failed = sup.wait_event(lambda e: e["event"] == "webhook_failed", 40, "the garbage webhook's note",
+                            after=n)
+    assert failed["reason"].startswith("webhook #1: gave up on app recovering: 5 attempts")
     logs = sup.text() + "".join(f.read_text(errors="replace") for f in sup.data_dir.rglob("*.jsonl"))
-    assert "s3cr3t-token" not in logs
+    assert "s3cr3t-token" not in logs and "garbage-token" not in logs
+    assert "Traceback" not in sup.text()
 
 
 def _metrics_url(sup) -> str:
