@@ -23,11 +23,35 @@ from supervisor import config as cfgmod
 from supervisor import ipc
 from supervisor.events import redact
 
-EXIT_OK, EXIT_ERROR, EXIT_NOT_RUNNING = 0, 1, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+NAME_RE = cfgmod._NAME_RE  # the rule for proxy file names: a NAME is conf.d/NAME.toml
 
 
 def _err(msg: str) -> None:
     print(f"ts-supervisor: error: {msg}", file=sys.stderr)
+
+
+def proxy_name(text: str) -> str:
+    """argparse `type=` for every NAME a user types: 1-63 letters, digits, '-'
+    or '_', first a letter or digit, so it can never leave conf.d or the data
+    dir. A bad one ends the command with one line and exit status 2."""
+    if NAME_RE.fullmatch(text):
+        return text
+    shown = repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+    _err(f"NAME: {shown} is not a proxy name (1-63 letters, digits, '-' or '_', "
+         f"starting with a letter or digit)")
+    raise SystemExit(EXIT_USAGE)
+
+
+def _count(text: str) -> int:
+    """argparse `type=` for -n: a whole number of lines, 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of lines (0 or more)")
+    return n
 
 
 def _call(data_dir: Path, cmd: str, **args: Any) -> tuple[int, dict[str, Any]]:
@@ -38,6 +62,9 @@ def _call(data_dir: Path, cmd: str, **args: Any) -> tuple[int, dict[str, Any]]:
         return EXIT_NOT_RUNNING, {}
     except PermissionError:
         _err(f"permission denied on {data_dir / ipc.SOCKET_NAME} (run as the supervisor's user)")
+        return EXIT_ERROR, {}
+    except ipc.IPCError as e:
+        _err(str(e))
         return EXIT_ERROR, {}
     if not answer.get("ok"):
         _err(answer.get("error", "the supervisor refused"))
@@ -84,7 +111,8 @@ def _rotated(f: Any, path: Path) -> bool:
 
 def _print_lines(path: Path, lines: int, follow: bool, show: Callable[[str], str | None],
                  missing: str) -> int:
-    """Print the tail of a file (and, with follow, what is appended); Ctrl-C ends it."""
+    """Print the tail of a file (and, with follow, what is appended). Ctrl-C, or
+    a reader that goes away (`| head`), ends it quietly with status 0."""
     try:
         for line in _follow(path, lines, follow):
             text = show(line)
@@ -92,6 +120,12 @@ def _print_lines(path: Path, lines: int, follow: bool, show: Callable[[str], str
                 print(text, flush=True)
     except FileNotFoundError:
         _err(missing)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        # stdout now points at /dev/null, so the flush at exit cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as e:  # unreadable: one line, no traceback
+        _err(f"{path}: {e.strerror or e}")
         return EXIT_ERROR
     except KeyboardInterrupt:
         pass
@@ -131,8 +165,11 @@ def _reload_if_running(data_dir: Path) -> None:
     try:
         ipc.call(data_dir, "reload", timeout=5)
         print("the running supervisor reloads conf.d")
-    except (ipc.NotRunning, OSError):
+    except ipc.NotRunning:
         pass
+    except OSError as e:  # an IPCError, a permission error
+        _err(f"could not ask the running supervisor to reload ({e}); "
+             "it sees the change at its next look at the config dir")
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -183,6 +220,9 @@ def cmd_remove(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         _err(f"{path}: no such proxy file")
         return EXIT_ERROR
+    except OSError as e:
+        _err(f"{path}: {e.strerror or e}")
+        return EXIT_ERROR
     print(f"removed {path}")
     _reload_if_running(args.data_dir)
     return EXIT_OK
@@ -195,27 +235,27 @@ def add_parsers(sub: Any, common: Any) -> None:
                        ("recover", "force a stale-state recovery: wipe its state, log in again")):
         sp = sub.add_parser(name, help=text)
         common(sp, data=True)
-        sp.add_argument("name")
+        sp.add_argument("name", type=proxy_name)
         sp.set_defaults(func=cmd_control)
 
     lg = sub.add_parser("logs", help="a proxy's tailscaled and serve output")
     common(lg, data=True)
-    lg.add_argument("name")
+    lg.add_argument("name", type=proxy_name)
     lg.add_argument("-f", "--follow", action="store_true")
-    lg.add_argument("-n", "--lines", type=int, default=50)
+    lg.add_argument("-n", "--lines", type=_count, default=50)
     lg.set_defaults(func=cmd_logs)
 
     ev = sub.add_parser("events", help="the event history (every transition)")
     common(ev, data=True)
-    ev.add_argument("name", nargs="?", help="only this proxy")
+    ev.add_argument("name", nargs="?", type=proxy_name, help="only this proxy")
     ev.add_argument("-f", "--follow", action="store_true")
-    ev.add_argument("-n", "--lines", type=int, default=50)
+    ev.add_argument("-n", "--lines", type=_count, default=50)
     ev.add_argument("--json", action="store_true", help="the raw JSON lines")
     ev.set_defaults(func=cmd_events)
 
     add = sub.add_parser("add", help="validate, then write conf.d/NAME.toml")
     common(add, config=True, data=True)
-    add.add_argument("name")
+    add.add_argument("name", type=proxy_name)
     add.add_argument("--target", required=True, help="http://127.0.0.1:PORT or tcp://127.0.0.1:PORT")
     add.add_argument("--hostname")
     add.add_argument("--serve", choices=("http", "https", "tcp"))
@@ -229,5 +269,5 @@ def add_parsers(sub: Any, common: Any) -> None:
 
     rm = sub.add_parser("remove", help="delete conf.d/NAME.toml; a running supervisor stops it")
     common(rm, config=True, data=True)
-    rm.add_argument("name")
+    rm.add_argument("name", type=proxy_name)
     rm.set_defaults(func=cmd_remove)

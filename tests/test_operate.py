@@ -2,7 +2,9 @@
 stop, restart, logs, events, add and remove; and the socket refusing others."""
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -142,3 +144,47 @@ def test_events_follow_shows_new_transitions_as_they_happen(sup, control, tmp_pa
     finally:
         follower.terminate()
         follower.wait(10)
+
+
+def test_hostile_socket_clients_cost_one_connection_each(sup, control, tmp_path):
+    """Oversize, undecodable, odd and silent requests against the real supervisor:
+    each gets one error line (or a close); the proxy keeps its pid, nothing is logged."""
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    pid = sup.status()["app"]["pid"]
+    path = str(sup.data_dir / "supervisor.sock")
+
+    def send(data: bytes, half_close: bool = True) -> bytes:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(20)
+            s.connect(path)
+            try:
+                s.sendall(data)
+                if half_close:
+                    s.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            out = b""
+            try:
+                while chunk := s.recv(65536):
+                    out += chunk
+            except ConnectionResetError:  # closed with our excess unread: what came before it counts
+                pass
+            return out
+
+    for data, error in ((b"x" * (2 << 20) + b"\n", "request is over 64 KiB"),
+                        (b"\xff\xfe\n", "request is not a JSON line"),
+                        (b"[" * 50000 + b"\n", "request is not a JSON line"),
+                        (b"[]\n", "request must be a JSON object"),
+                        (b'{"cmd": 1}\n', "unknown command 1"),
+                        (b'{"cmd": "stop", "name": ["app"]}\n', "no proxy named"),
+                        (b'{"cmd": "stop", "name": {"x": null}}\n', "no proxy named")):
+        answer = json.loads(send(data))
+        assert answer["ok"] is False and answer["error"].startswith(error), (data[:40], answer)
+    assert send(b"") == b""
+    with socket.socket(socket.AF_UNIX) as s:  # a client that connects, says half a word, and leaves
+        s.connect(path)
+        s.sendall(b'{"cmd": "st')
+    assert sup.status()["app"]["pid"] == pid and sup.status()["app"]["state"] == "running"
+    big = cli(sup, "stop", "x" * 70000)
+    assert big.returncode == 2 and big.stderr.count("\n") == 1
+    assert "Traceback" not in sup.text() and "exception" not in sup.text().lower()
