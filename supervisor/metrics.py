@@ -2,7 +2,9 @@
 
 Per proxy: its state (one series per state, 1 for the current one), restarts,
 recoveries, a histogram of detection latency (a signal seen -> the state
-changed) and the RSS of its children. Rendering is a pure function of
+changed), the RSS of its children, and the last upstream probe
+(`upstream_up` 1/0 and `upstream_info{result=...}`, both absent until the
+first probe; results: supervisor.upstream). Rendering is a pure function of
 snapshots so it is tested without a socket.
 """
 from __future__ import annotations
@@ -53,6 +55,15 @@ def render(snaps: Sequence[ProxySnapshot], detections: Mapping[str, Iterable[flo
             "# TYPE ts_supervisor_proxy_children_rss_bytes gauge"]
     out += [f'ts_supervisor_proxy_children_rss_bytes{{proxy="{_label(s.name)}"}} {rss.get(s.name, 0)}'
             for s in snaps]
+    probed = [s for s in snaps if s.upstream is not None]
+    out += ["# HELP ts_supervisor_proxy_upstream_up 1 when the last probe of the proxy's target was ok.",
+            "# TYPE ts_supervisor_proxy_upstream_up gauge"]
+    out += [f'ts_supervisor_proxy_upstream_up{{proxy="{_label(s.name)}"}} {int(s.upstream == "ok")}'
+            for s in probed]
+    out += ["# HELP ts_supervisor_proxy_upstream_info The last probe's result, as in the table.",
+            "# TYPE ts_supervisor_proxy_upstream_info gauge"]
+    out += [f'ts_supervisor_proxy_upstream_info{{proxy="{_label(s.name)}",result="{_label(s.upstream)}"}} 1'
+            for s in probed]
     out += ["# HELP ts_supervisor_detection_latency_seconds A signal seen to the state changed.",
             "# TYPE ts_supervisor_detection_latency_seconds histogram"]
     for s in snaps:
