@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -205,8 +206,12 @@ def on_key(ui: UIState, key: str, names: Sequence[str]) -> tuple[UIState, Comman
 # -- rendering -----------------------------------------------------------------------------
 
 
-WIDE = 130  # below this, facts share cells; below MEDIUM, pid and CPU/RSS give way to the error
+WIDE = 130  # below this (or if they do not fit), facts share cells; below MEDIUM, pid and CPU/RSS give way
 MEDIUM = 96
+TARGET_WIDE, TARGET_NARROW = 28, 21  # the target column's most columns in each layout
+NAME_WIDE = 30  # the name column's most columns in the wide layout
+ERROR_MIN = 24  # the wide layout is used only if the last error gets at least this much
+WIDE_HEADERS = ("proxy / DNS name", "state", "tailnet IP", "target", "pid", "cpu rss", "up", "rst/rec", "key")
 
 
 def footer(ui: UIState) -> Group:
@@ -225,6 +230,41 @@ def footer(ui: UIState) -> Group:
     return Group(keys, line)
 
 
+UPSTREAM_STYLE = "yellow"  # a failing upstream probe: seen, not a proxy state
+
+
+def target_cell(s: ProxySnapshot, room: int) -> Text:
+    """The target as the table shows it, with a dim ✓ when the last upstream
+    probe was ok and there is room for it in `room` columns."""
+    target = s.target.replace("http://", "").replace("tcp://", "tcp ")
+    cell = Text(target)
+    if s.upstream == "ok" and len(target) + 2 <= room:
+        cell.append(" ✓", style="dim")
+    return cell
+
+
+def upstream_problem(s: ProxySnapshot) -> Text | None:
+    """'upstream: REASON' in yellow when the last probe failed; None when it
+    was ok or has not run yet."""
+    if s.upstream is None or s.upstream == "ok":
+        return None
+    return Text(f"upstream: {redact(s.upstream)}", style=UPSTREAM_STYLE)
+
+
+def _wide_fits(rows: Sequence[tuple], width: int) -> bool:
+    """Whether the wide layout's fixed columns, each at its widest cell,
+    leave the last error at least ERROR_MIN columns of `width`. Counts what
+    the table draws: one space of padding each side of a cell (none at the
+    outer edges), a one-space divider between columns and one at each edge."""
+    caps = (NAME_WIDE, None, None, TARGET_WIDE, None, None, None, None, None)
+    needed = 0
+    for i, (header, cap) in enumerate(zip(WIDE_HEADERS, caps)):
+        w = max([cell_len(header)] + [cell_len(line) for row in rows for line in row[i].split("\n")])
+        needed += (min(w, cap) if cap else w) + 2
+    columns = len(WIDE_HEADERS) + 1
+    return needed - 1 + ERROR_MIN + 1 + (columns - 1) + 2 <= width
+
+
 def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: float | None = None,
            errors: Sequence[str] = (), width: int = 200, ui: UIState | None = None,
            panel_lines: Sequence[str] = ()) -> Group:
@@ -233,27 +273,36 @@ def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: floa
     `panel_lines`, and the footer of keys.
 
     Borderless, with related facts sharing a cell, so an 80-column SSH session
-    still shows every proxy's state, address, target and last error."""
+    still shows every proxy's state, address, target, last error and a failing
+    upstream. From WIDE columns, every fact has its own column when they all
+    fit beside a readable last error; otherwise the medium layout is used."""
     now = time.time() if now is None else now
     usage = usage or {}
-    wide = width >= WIDE
+    rows = []  # per proxy, the wide layout's fixed cells as plain text
+    for s in snaps:
+        cpu, rss = usage.get(s.name, (None, None))
+        ip4 = next((ip for ip in s.tailscale_ips if ":" not in ip), s.tailscale_ips[0] if s.tailscale_ips else "")
+        label = s.dns_name or (s.hostname if s.hostname != s.name else "")
+        rows.append((s.name + (f"\n{label}" if label else ""), s.state, ip4 or "-",
+                     target_cell(s, TARGET_WIDE).plain, str(s.pid) if s.pid else "-",
+                     f"{cpu:.1f}% {human_bytes(rss)}" if cpu is not None and rss and s.pid else "-",
+                     human_duration(now - s.running_since) if s.running_since else "-",
+                     f"{s.restarts}/{s.recoveries}", key_expiry_cell(s.key_expiry, now).plain))
+    wide = width >= WIDE and _wide_fits(rows, width)
     medium = not wide and width >= MEDIUM
     t = Table(title="ts-supervisor", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
               padding=(0, 1), expand=False)
-    t.add_column("proxy / DNS name", no_wrap=True, max_width=30 if wide else 26 if medium else 22)
+    t.add_column(WIDE_HEADERS[0], no_wrap=True, max_width=NAME_WIDE if wide else 26 if medium else 22)
     if wide:
         for col in ("state", "tailnet IP"):
             t.add_column(col, no_wrap=True)
-        t.add_column("target", no_wrap=True, overflow="ellipsis", max_width=28)
-        t.add_column("pid", justify="right", no_wrap=True)
-        t.add_column("cpu rss", justify="right", no_wrap=True)
-        t.add_column("up", justify="right", no_wrap=True)
-        t.add_column("rst/rec", justify="right", no_wrap=True)
-        t.add_column("key", justify="right", no_wrap=True)
-        t.add_column("last error", overflow="fold", min_width=24, ratio=1)
+        t.add_column("target", no_wrap=True, overflow="ellipsis", max_width=TARGET_WIDE)
+        for col in WIDE_HEADERS[4:]:
+            t.add_column(col, justify="right", no_wrap=True)
+        t.add_column("last error", overflow="fold", min_width=ERROR_MIN, ratio=1)
     else:  # 80 columns: the error goes under the state, counts under uptime
         t.add_column("state / error", overflow="fold", ratio=1)
-        t.add_column("tailnet IP / target", no_wrap=True, max_width=21)
+        t.add_column("tailnet IP / target", no_wrap=True, max_width=TARGET_NARROW)
         if medium:
             t.add_column("pid / cpu rss", justify="right", no_wrap=True)
         t.add_column("up r/r", justify="right", no_wrap=True)
@@ -262,28 +311,29 @@ def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: floa
     if ui is not None and snaps:
         names = [s.name for s in snaps]
         selected = ui.selected if ui.selected in names else names[0]
-    for s in snaps:
-        cpu, rss = usage.get(s.name, (None, None))
-        ip4 = next((ip for ip in s.tailscale_ips if ":" not in ip), s.tailscale_ips[0] if s.tailscale_ips else "")
+    for s, (_, _, ip4, _, pid, res, up, counts, _) in zip(snaps, rows):
         name = Text(s.name, style="bold")
         label = s.dns_name or (s.hostname if s.hostname != s.name else "")
         if label:
             name.append(f"\n{label}", style="dim")
-        target = s.target.replace("http://", "").replace("tcp://", "tcp ")
-        up = human_duration(now - s.running_since) if s.running_since else "-"
-        res = f"{cpu:.1f}% {human_bytes(rss)}" if cpu is not None and rss and s.pid else "-"
+        target = target_cell(s, TARGET_WIDE if wide else TARGET_NARROW)
+        problem = upstream_problem(s)  # under the last error: a reason, never a state
         state = Text(s.state, style=STATE_STYLE.get(s.state, ""))
         error_style = "red" if s.state == "failed" else "dim"
-        counts = f"{s.restarts}/{s.recoveries}"
         key = key_expiry_cell(s.key_expiry, now)
         style = "reverse" if s.name == selected else None
         if wide:
-            t.add_row(name, state, ip4 or "-", target, str(s.pid) if s.pid else "-", res, up, counts,
-                      key, Text(redact(s.last_error), style=error_style), style=style)
+            error = Text(redact(s.last_error), style=error_style)
+            if problem:
+                error.append("\n" if s.last_error else "").append_text(problem)
+            t.add_row(name, state, ip4, target, pid, res, up, counts, key, error, style=style)
         else:
             if s.last_error:
                 state.append(f"\n{redact(s.last_error)}", style=error_style)
-            cells = [name, state, Text(ip4 or "-").append(f"\n{target}", style="dim")]
+            if problem:
+                state.append("\n").append_text(problem)
+            target.stylize("dim")
+            cells = [name, state, Text(ip4).append("\n").append_text(target)]
             if medium:
                 cells.append(f"{s.pid or '-'}\n{res}")
             t.add_row(*cells, f"{up}\n{counts}", key, style=style)

@@ -366,3 +366,75 @@ def test_live_view_stops_when_cancelled_even_as_an_event_arrives(tmp_path: Path)
         done, _ = await asyncio.wait([task], timeout=3)
         assert done and task.cancelled()
     asyncio.run(go())
+
+
+# -- upstream probes: seen in the table, never a state ------------------------------------------
+
+UNTRUSTED = "TLS: certificate not trusted — use https+insecure://127.0.0.1:5001"
+UPSTREAMS = [
+    snap("nas-admin", "running", target="https://127.0.0.1:5001", tailscale_ips=("100.64.0.4",),
+         dns_name="nas-admin.tailnet.test", pid=4321, upstream=UNTRUSTED),
+    snap("jellyfin", "running", tailscale_ips=("100.64.0.1",), dns_name="jellyfin.tailnet.test", pid=1234,
+         upstream="ok"),
+    snap("homeassistant", "backoff", target="http://127.0.0.1:8123", upstream="refused",
+         last_error="tailscaled exited with status 1"),
+    snap("nas-ssh", "running", target="tcp://127.0.0.1:22", upstream=None),
+]
+
+
+def column(out: str, header: str, next_header: str | None) -> str:
+    """Everything printed under `header` (up to `next_header`), without whitespace:
+    a cell's text read in order, whether it wrapped at spaces or folded mid-word."""
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if header in line)
+    start = lines[head].index(header)
+    end = lines[head].index(next_header) if next_header else None
+    return "".join("".join(line[start:end].split()) for line in lines[head + 1:])
+
+
+def test_a_failing_upstream_is_visible_and_whole_at_every_width():
+    for width, (header, after) in ((80, ("state / error", "tailnet IP")),
+                                   (110, ("state / error", "tailnet IP")),
+                                   (130, ("state / error", "tailnet IP")),
+                                   (170, ("last error", None))):
+        out = text(render(UPSTREAMS, now=NOW, width=width, ui=UIState()), width=width)
+        assert max(len(line) for line in out.splitlines()) <= width, out
+        cell = column(out, header, after)
+        for reason in (f"upstream: {UNTRUSTED}", "upstream: refused",
+                       "tailscaled exited with status 1upstream: refused"):  # the error, then the probe
+            assert "".join(reason.split()) in cell, (width, out)
+        assert cell.count("upstream:") == 2, out  # ok and not-yet-probed say nothing there
+        nas = next(line for line in out.splitlines() if line.lstrip().startswith("nas-admin"))
+        assert "running" in nas  # a failing upstream is not a proxy state
+        jelly = out[out.index("jellyfin"):].splitlines()[:2]
+        assert any("127.0.0.1:8096 ✓" in line for line in jelly), out
+        assert "22 ✓" not in out and "8123 ✓" not in out and "5001 ✓" not in out
+
+
+def test_a_failing_upstream_is_yellow():
+    for width in (80, 170):
+        out = ansi(render(UPSTREAMS, now=NOW, width=width), width=width)
+        line = next(line for line in out.splitlines() if "upstream: TLS" in line)
+        assert re.search(r"\x1b\[[0-9;]*33[;m][^\x1b]*upstream: TLS", line), repr(line)
+
+
+def test_the_wide_layout_is_used_only_when_every_column_fits():
+    """At 130-137 columns these rows used to overflow and the terminal cut the
+    last error off; now the medium layout takes over until all of it fits."""
+    s = [snap("homeassistant", "running", pid=4242, tailscale_ips=("100.64.0.2",),
+              target="http://127.0.0.1:8123", dns_name="homeassistant.tailnet.test"),
+         snap("nas-ssh", "failed", target="tcp://127.0.0.1:22", recoveries=1,
+              last_error="tailscale up: invalid key: API key k0001 not valid", upstream="refused")]
+    usage = {"homeassistant": (0.5, 50 * 2**20)}
+    layouts = set()
+    for width in range(125, 176):
+        out = text(render(s, usage, now=NOW, width=width), width=width)
+        assert max(len(line) for line in out.splitlines()) <= width, (width, out)
+        wide = "last error" in out
+        layouts.add(wide)
+        cell = column(out, "last error", None) if wide else column(out, "state / error", "tailnet IP")
+        assert "tailscaleup:invalidkey:APIkeyk0001notvalidupstream:refused" in cell, (width, out)
+        assert "4242" in out and "50.0M" in out
+    assert layouts == {True, False}
+    short = text(render([snap("a", "running", pid=1)], now=NOW, width=130), width=130)
+    assert "last error" in short  # 130 columns are enough for short rows
