@@ -7,10 +7,17 @@ keys get `invalid key: API key does not exist`, expired or spent one-off keys
 `invalid key: API key <id> not valid`, an unknown node key without an auth
 key gets an AuthURL, a known node whose key expired gets `NodeKeyExpired`.
 Secrets are stored only as SHA-256 hashes, so the state file leaks nothing.
+
+Everything that comes in is checked by one set of rules: `state.json` on
+load (any other shape is one StateError line naming the file, key and
+reason) and the fields of register/map requests (ValueError naming the
+field), so nothing a node sends can make the state unloadable or reach its
+peers' netmaps in a type tailscaled cannot decode.
 """
 from __future__ import annotations
 
 import calendar
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -19,7 +26,7 @@ import re
 import secrets
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -135,8 +142,174 @@ class AdminError(Exception):
     """An admin request naming something that does not exist, or bad arguments."""
 
 
+class StateError(ValueError):
+    """`state.json` unreadable or of the wrong shape: one line naming the file, key and reason."""
+
+
+# -- checking what comes in: state.json and request fields ---------------------------------
+# Each check returns the value (normalised) or raises ValueError(reason). The
+# same checks guard requests, so nothing a node sends can make the state unloadable.
+
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the last time rfc3339 can write
+MAX_NODE_ID = V4_NET.num_addresses - 1  # every id has an address in V4_NET
+MAX_KEY_LIFETIME = 100 * 365 * 86400.0
+MAX_COUNT = 2**53  # exact in every JSON reader
+TAG = r"tag:[a-z0-9][a-z0-9-]*"
+NODE_KEY = r"nodekey:[0-9a-f]{64}"
+DISCO_KEY = r"discokey:[0-9a-f]{64}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def _integer(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if type(v) is not int or not lo <= v <= hi:  # true/false are not integers here
+            raise ValueError(f"want an integer {lo}..{hi}, got {_short(v)}")
+        return v
+    return check
+
+
+def _flag(v: Any) -> bool:
+    if type(v) is not bool:
+        raise ValueError(f"want true or false, got {_short(v)}")
+    return v
+
+
+def _time(v: Any) -> float:
+    if type(v) not in (int, float) or not 0 <= v <= MAX_TIME:  # NaN fails the range too
+        raise ValueError(f"want seconds since 1970 (up to year 9999), got {_short(v)}")
+    return float(v)
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda v: None if v is None else check(v)
+
+
+def _text(pattern: str = r"(?s).*", what: str = "a string") -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if not isinstance(v, str) or not re.fullmatch(pattern, v):
+            raise ValueError(f"want {what}, got {_short(v)}")
+        return v
+    return check
+
+
+def _list_of(check: Callable[[Any], Any], what: str, limit: int = 1024) -> Callable[[Any], list]:
+    def check_list(v: Any) -> list:
+        if not isinstance(v, list) or len(v) > limit:
+            raise ValueError(f"want a list of {what}, got {_short(v)}")
+        try:
+            return [check(x) for x in v]
+        except ValueError:
+            raise ValueError(f"want a list of {what}, got {_short(v)}") from None
+    return check_list
+
+
+def _address(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if isinstance(v, str) and re.fullmatch(r"[0-9a-f.:]+", v):
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(v) in net:
+                    return str(ipaddress.ip_address(v))
+        raise ValueError(f"want an address in {net}, got {_short(v)}")
+    return check
+
+
+def _object(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ValueError(f"want an object, got {_short(v)}")
+    return v
+
+
+def _hostinfo(v: Any) -> dict[str, Any]:
+    return _slim_hostinfo(_object(v))
+
+
+def _field(req: dict[str, Any], name: str, check: Callable[[Any], Any]) -> Any:
+    """A request field checked, None when absent or null (Go's zero value)."""
+    value = req.get(name)
+    if value is None:
+        return None
+    try:
+        return check(value)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+_TAGS = _list_of(_text(TAG, "tag:name"), "tag:name strings")
+_KEY_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "id": _text(r"[A-Za-z0-9_-]{1,64}", "a key id"), "secret_hash": _text(r"[0-9a-f]{64}", "a SHA-256 hex"),
+    "reusable": _flag, "ephemeral": _flag, "tags": _TAGS, "created": _time,
+    "expires": _optional(_time), "revoked": _flag, "uses": _integer(0, MAX_COUNT)}
+_NODE_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "id": _integer(1, MAX_NODE_ID), "node_key": _text(NODE_KEY, "nodekey:<64 hex>"),
+    "machine_key": _text(r"mkey:[0-9a-f]{64}", "mkey:<64 hex>"), "hostname": _text(),
+    "name": _text(r"[a-z0-9-]+", "a DNS label"), "ipv4": _address(V4_NET), "ipv6": _address(V6_NET),
+    "key_id": _text(), "ephemeral": _flag, "tags": _TAGS, "created": _time,
+    "key_expiry": _optional(_time), "disco_key": _text(f"|{DISCO_KEY}", "discokey:<64 hex> or empty"),
+    "endpoints": _list_of(_text(), "strings"), "home_derp": _integer(0, 2**31 - 1),
+    "hostinfo": _hostinfo, "last_seen": _optional(_time)}
+
+
+def _record(cls: type, checks: dict[str, Callable[[Any], Any]], where: str, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: want an object, got {_short(raw)}")
+    for name in raw:
+        if name not in checks:
+            raise ValueError(f"{where}: unknown key {_short(name)}")
+    for f in fields(cls):
+        if f.name not in raw and f.default is MISSING and f.default_factory is MISSING:
+            raise ValueError(f"{where}.{f.name}: missing")
+    values = {}
+    for name, value in raw.items():
+        try:
+            values[name] = checks[name](value)
+        except ValueError as e:
+            raise ValueError(f"{where}.{name}: {e}") from None
+    return cls(**values)
+
+
+def _parse_state(raw: Any) -> dict[str, Any]:
+    """The fields of a state document, checked; ValueError("where: reason") otherwise."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"want a JSON object, got {_short(raw)}")
+    checks = {"server_private": _text(r"|[0-9a-f]{64}", "64 hex digits"), "port": _integer(0, 65535),
+              "next_node_id": _integer(1, MAX_NODE_ID + 1), "next_key_id": _integer(1, MAX_COUNT),
+              "keys": _list_of(lambda v: v, "objects", MAX_COUNT),
+              "nodes": _list_of(lambda v: v, "objects", MAX_COUNT)}
+    defaults: dict[str, Any] = {"server_private": "", "port": 0, "next_node_id": 1, "next_key_id": 1,
+                                "keys": [], "nodes": []}
+    state = {}
+    for name, check in checks.items():
+        try:
+            state[name] = check(raw.get(name, defaults[name]))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    state["keys"] = [_record(AuthKey, _KEY_FIELDS, f"keys[{i}]", k) for i, k in enumerate(state["keys"])]
+    state["nodes"] = [_record(Node, _NODE_FIELDS, f"nodes[{i}]", n) for i, n in enumerate(state["nodes"])]
+    for what, items, ident in (("keys", state["keys"], "id"), ("nodes", state["nodes"], "id"),
+                               ("nodes", state["nodes"], "node_key")):
+        seen: set[Any] = set()
+        for i, item in enumerate(items):
+            value = getattr(item, ident)
+            if value in seen:
+                raise ValueError(f"{what}[{i}].{ident}: {_short(value)} appears twice")
+            seen.add(value)
+    top = max((n.id for n in state["nodes"]), default=0)
+    if state["next_node_id"] <= top:
+        raise ValueError(f"next_node_id: {state['next_node_id']} is not above node id {top}")
+    return state
+
+
 class Tailnet:
-    """Keys and nodes, persisted in `state.json`; `on_change` hears about peer changes."""
+    """Keys and nodes, persisted in `state.json`; `on_change` hears about peer changes.
+    StateError from the constructor if the file is there but not a state this control wrote."""
 
     def __init__(self, path: Path, *, domain: str = "tailnet.test",
                  now: Callable[[], float] = time.time,
@@ -158,23 +331,21 @@ class Tailnet:
     # -- persistence ---------------------------------------------------------
 
     def _load(self) -> None:
+        """Read `state.json`, if there is one; StateError if it is not a state this control wrote."""
         try:
             raw = json.loads(self.path.read_text())
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{self.path}: cannot read control state: {e}") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise StateError(f"{self.path}: cannot read control state: {_one_line(e)}") from None
         try:
-            self.server_private = str(raw.get("server_private", ""))
-            self.port = int(raw.get("port", 0))
-            self.next_node_id = int(raw.get("next_node_id", 1))
-            self.next_key_id = int(raw.get("next_key_id", 1))
-            keys = [AuthKey(**k) for k in raw.get("keys", [])]
-            nodes = [Node(**n) for n in raw.get("nodes", [])]
-        except (AttributeError, TypeError, ValueError) as e:
-            raise ValueError(f"{self.path}: control state has the wrong shape: {e}") from None
-        self.keys = {k.id: k for k in keys}
-        for node in nodes:
+            state = _parse_state(raw)
+        except ValueError as e:
+            raise StateError(f"{self.path}: {e}") from None
+        self.server_private, self.port = state["server_private"], state["port"]
+        self.next_node_id, self.next_key_id = state["next_node_id"], state["next_key_id"]
+        self.keys = {k.id: k for k in state["keys"]}
+        for node in state["nodes"]:
             self.nodes[node.id] = node
             self.by_node_key[node.node_key] = node
 
@@ -208,10 +379,13 @@ class Tailnet:
     def create_key(self, *, reusable: bool = False, ephemeral: bool = False,
                    expiry: float | None = 90 * 86400.0, tags: list[str] | None = None
                    ) -> tuple[AuthKey, str]:
-        """A new key and its secret; only the hash is kept."""
+        """A new key and its secret; only the hash is kept. `expiry`: seconds from now
+        (None: never). AdminError for a bad tag or expiry."""
         for t in tags or []:
-            if not re.fullmatch(r"tag:[a-z0-9][a-z0-9-]*", t):
-                raise AdminError(f"bad tag {t!r}: want tag:name")
+            if not isinstance(t, str) or not re.fullmatch(TAG, t):
+                raise AdminError(f"bad tag {_short(t)}: want tag:name")
+        if expiry is not None and not (isinstance(expiry, (int, float)) and 0 < expiry <= MAX_KEY_LIFETIME):
+            raise AdminError(f"bad expiry {_short(expiry)}: want seconds, at most {MAX_KEY_LIFETIME:.0f}")
         kid = f"k{self.next_key_id:04d}{secrets.token_hex(3)}"
         self.next_key_id += 1
         secret = f"tskey-auth-{kid}-{secrets.token_hex(16)}"
@@ -297,9 +471,9 @@ class Tailnet:
         self.event("register_rejected", reason=text, **detail)
         return RegisterResult({"Error": text})
 
-    def _auth_url(self, base_url: str, node_key: str, req: dict[str, Any]) -> RegisterResult:
-        if req.get("Followup"):
-            return RegisterResult({"AuthURL": req["Followup"]}, wait_followup=True)
+    def _auth_url(self, base_url: str, node_key: str, followup: str | None) -> RegisterResult:
+        if followup:
+            return RegisterResult({"AuthURL": followup}, wait_followup=True)
         url = f"{base_url}/a/{secrets.token_hex(8)}"
         self.event("register_auth_url", node_key=node_key[:16])
         return RegisterResult({"AuthURL": url})
@@ -310,31 +484,35 @@ class Tailnet:
                                "NodeKeyExpired": False}, node=node)
 
     def register(self, req: dict[str, Any], machine_key: str, base_url: str) -> RegisterResult:
+        """Decide a RegisterRequest (any JSON object); ValueError names a field of the wrong
+        shape (nothing has changed then), PermissionError a node key of another machine."""
         now = self.now()
-        node_key = req.get("NodeKey") or ""
-        if not re.fullmatch(r"nodekey:[0-9a-f]{64}", node_key) or node_key == ZERO_NODE_KEY:
+        node_key = _field(req, "NodeKey", _text(NODE_KEY, "nodekey:<64 hex>")) or ""
+        if not node_key or node_key == ZERO_NODE_KEY:
             raise ValueError("register without a valid NodeKey")
-        old_key = req.get("OldNodeKey") or ZERO_NODE_KEY
+        old_key = _field(req, "OldNodeKey", _text()) or ZERO_NODE_KEY
+        auth = _field(req, "Auth", _object) or {}
+        secret = (_field(auth, "AuthKey", _text()) or "").strip()
+        hostinfo = _field(req, "Hostinfo", _hostinfo) or {}
+        followup = _field(req, "Followup", _text())
+        expiry = parse_rfc3339(_field(req, "Expiry", _text()))
         node = self.by_node_key.get(node_key)
         if node is None and old_key != ZERO_NODE_KEY:
             node = self.by_node_key.get(old_key)
         if node is not None and node.machine_key != machine_key:
             raise PermissionError("node key belongs to another machine")
 
-        expiry = parse_rfc3339(req.get("Expiry"))
         if expiry is not None and expiry <= now:  # tailscale logout (facts §4g)
             if node is not None:
                 if node.ephemeral:
                     self.delete_node(node.id, reason="node_logged_out")
                 else:
-                    node.key_expiry = expiry
+                    node.key_expiry = max(expiry, 0.0)  # Go's time.Unix(123, 0), not before 1970
                     self.save()
                     self.event("node_logged_out", node=node.id, hostname=node.name)
                     self.on_change("changed", node)
             return RegisterResult({"NodeKeyExpired": True})
 
-        secret = ((req.get("Auth") or {}).get("AuthKey") or "").strip()
-        hostinfo = req.get("Hostinfo") or {}
         if secret:
             key = self.find_key(secret)
             if key is None or key.revoked:
@@ -353,9 +531,9 @@ class Tailnet:
             return self._success(node)
 
         if node is None:
-            return self._auth_url(base_url, node_key, req)
+            return self._auth_url(base_url, node_key, followup)
         if node.node_key != node_key:  # rotation without credentials: log in again (§4d)
-            return self._auth_url(base_url, node_key, req)
+            return self._auth_url(base_url, node_key, followup)
         if node.expired(now):
             self.event("register_key_expired", node=node.id, hostname=node.name)
             return RegisterResult({"NodeKeyExpired": True, "MachineAuthorized": True})
@@ -392,20 +570,36 @@ class Tailnet:
         return node
 
     def update_from_map(self, node: Node, req: dict[str, Any]) -> bool:
-        """Take endpoints, disco key and hostinfo from a map request; True if peers must hear."""
+        """Take endpoints, disco key and hostinfo from a map request (any JSON object);
+        True if peers must hear. ValueError names a field of the wrong shape (the node
+        is unchanged then)."""
+        disco = _field(req, "DiscoKey", _text(f"|{DISCO_KEY}", "discokey:<64 hex>"))
+        endpoints = _field(req, "Endpoints", _list_of(_text(), "strings"))
+        hostinfo = _field(req, "Hostinfo", _hostinfo)
+        netinfo = _field(req.get("Hostinfo") or {}, "NetInfo", _object) or {}
+        derp = _field(netinfo, "PreferredDERP", _integer(0, 2**31 - 1))
         before = (node.disco_key, node.endpoints, node.home_derp, node.hostinfo)
-        if req.get("DiscoKey"):
-            node.disco_key = req["DiscoKey"]
-        if req.get("Endpoints") is not None:
-            node.endpoints = [str(e) for e in req["Endpoints"]][:64]
-        hostinfo = req.get("Hostinfo")
-        if hostinfo:
-            node.hostinfo = _slim_hostinfo(hostinfo)
-            node.home_derp = int((hostinfo.get("NetInfo") or {}).get("PreferredDERP") or node.home_derp)
+        if disco:
+            node.disco_key = disco
+        if endpoints is not None:
+            node.endpoints = endpoints[:64]
+        if req.get("Hostinfo"):
+            node.hostinfo = hostinfo
+            node.home_derp = derp or node.home_derp
         return before != (node.disco_key, node.endpoints, node.home_derp, node.hostinfo)
 
 
 def _slim_hostinfo(hostinfo: dict[str, Any]) -> dict[str, Any]:
-    """The Hostinfo fields peers see; the rest (NetInfo etc.) is the node's business."""
-    return {k: hostinfo[k] for k in ("Hostname", "OS", "OSVersion", "IPNVersion", "Services")
-            if k in hostinfo}
+    """The Hostinfo fields peers see, of the types tailscaled decodes (others are
+    dropped, so one node's odd Hostinfo cannot break its peers' netmaps); the
+    rest (NetInfo etc.) is the node's business."""
+    out: dict[str, Any] = {k: hostinfo[k] for k in ("Hostname", "OS", "OSVersion", "IPNVersion")
+                           if isinstance(hostinfo.get(k), str)}
+    services = hostinfo.get("Services")
+    if isinstance(services, list):
+        out["Services"] = [{"Proto": s["Proto"], "Port": s["Port"],
+                            **({"Description": s["Description"]} if isinstance(s.get("Description"), str) else {})}
+                           for s in services[:64]
+                           if isinstance(s, dict) and isinstance(s.get("Proto"), str)
+                           and type(s.get("Port")) is int and 0 <= s["Port"] <= 65535]
+    return out
