@@ -249,7 +249,9 @@ def seal(cs: CipherState, data: bytes) -> bytes:
 
 
 def parse_record_header(header: bytes) -> int:
-    """The ciphertext length a 3-byte record header announces, or NoiseError."""
+    """The ciphertext length (16..4093 bytes) a 3-byte record header announces, or NoiseError."""
+    if len(header) != 3:
+        raise NoiseError(f"record header of {len(header)} bytes, want 3")
     mtype, length = struct.unpack(">BH", header)
     if mtype != MSG_RECORD:
         raise NoiseError(f"unexpected message type {mtype} in session")

@@ -49,7 +49,12 @@ ALLOW_ALL = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "L
 
 
 class ControlServer:
-    """A tailnet control plane for tailscaled, bound to loopback only."""
+    """A tailnet control plane for tailscaled, bound to loopback only. The constructor
+    reads `data_dir/state.json`: StateError (one line) if it has the wrong shape.
+
+    Bad input costs one connection: an HTTP error or a close, logged at debug level
+    (DERP: one warning line); a request body of the wrong shape gets 400 naming the
+    field. Only a bug is logged as an error (and answered 500)."""
 
     def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", port: int = 0,
                  ephemeral_reap_after: float = 30.0, domain: str = "tailnet.test",
@@ -347,10 +352,9 @@ class ControlServer:
         except asyncio.LimitOverrunError:
             return _reply(writer, 431, "request head too large")
         try:
-            method, target, headers = _parse_head(head)
+            method, target, path, headers = _parse_head(head)
         except ValueError as e:
             return _reply(writer, 400, f"bad request: {e}")
-        path = urlsplit(target).path
         if path.startswith("/derp"):
             return await self.derp.handle(reader, writer, method, target, headers)
         if path == "/key":
@@ -390,7 +394,8 @@ class ControlServer:
 
     async def _admin_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           method: str, target: str, headers: dict[str, str]) -> None:
-        if not secrets.compare_digest(headers.get("authorization", ""), f"Bearer {self.admin_token}"):
+        given = headers.get("authorization", "").encode("latin-1")  # the head was read as latin-1
+        if not secrets.compare_digest(given, f"Bearer {self.admin_token}".encode()):
             return _reply(writer, 401, json.dumps({"error": "missing or wrong admin token"}),
                           "application/json")
         try:
@@ -401,12 +406,10 @@ class ControlServer:
             return _reply(writer, 400, json.dumps({"error": "bad Content-Length"}), "application/json")
         raw = await asyncio.wait_for(reader.readexactly(length), HEAD_TIMEOUT)
         try:
-            body = json.loads(raw) if raw else {}
-            if not isinstance(body, dict):
-                raise ValueError("body must be a JSON object")
+            body = _json_object(raw)
             op, args = _admin_route(method, target, body)
             result = self.admin(op, **args)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
             return _reply(writer, 400, json.dumps({"error": f"bad request: {e}"}), "application/json")
         except AdminError as e:
             return _reply(writer, 404, json.dumps({"error": str(e)}), "application/json")
@@ -419,12 +422,7 @@ class ControlServer:
         if self.fault_status is not None:
             return session.respond(sid, self.fault_status, b"control plane fault injected")
         try:
-            req = json.loads(body) if body else {}
-            if not isinstance(req, dict):
-                raise ValueError("body is not a JSON object")
-        except ValueError as e:
-            return session.respond(sid, 400, f"bad request: {e}".encode())
-        try:
+            req = _json_object(body)
             if path == "/machine/register":
                 return await self._register(session, sid, req, mkey)
             if path == "/machine/map":
@@ -432,14 +430,16 @@ class ControlServer:
         except PermissionError as e:
             self.tailnet.event("request_refused", path=path, reason=str(e))
             return session.respond(sid, 403, str(e).encode())
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
+        except ValueError as e:  # the tailnet's checks name the field; anything else is a bug (500)
             return session.respond(sid, 400, f"bad request: {e}".encode())
         session.respond(sid, 200, b"{}", "application/json")
 
     async def _register(self, session: _Session, sid: int, req: dict[str, Any], mkey: str) -> None:
         if self.register_status is not None:
             self.tailnet.event("register_rejected", reason=f"http {self.register_status}")
-            return session.respond(sid, self.register_status, b"invalid key: API key does not exist")
+            body = (b"invalid key: API key does not exist" if self.register_status < 500
+                    else b"internal server error")  # an outage says nothing about the key
+            return session.respond(sid, self.register_status, body)
         result = self.tailnet.register(req, mkey, self.url)
         if result.wait_followup:
             await session.closed.wait()  # nobody visits AuthURLs here; hold until the node gives up
@@ -490,7 +490,7 @@ class _Session:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
-        cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        cfg = h2.config.H2Configuration(client_side=False)  # headers stay bytes: any bytes may come
         self.h2 = h2.connection.H2Connection(cfg)
         self.h2.local_settings = h2.settings.Settings(
             client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100})
@@ -522,7 +522,7 @@ class _Session:
         for ev in events:
             if isinstance(ev, h2.events.RequestReceived):
                 hdrs = dict(ev.headers)
-                self._paths[ev.stream_id] = str(hdrs.get(":path", ""))
+                self._paths[ev.stream_id] = hdrs.get(b":path", b"").decode("utf-8", "replace")
                 self._bodies[ev.stream_id] = bytearray()
                 if ev.stream_ended:
                     self._dispatch(ev.stream_id)
@@ -638,7 +638,9 @@ class _Session:
         self.writer.transport.abort()
 
 
-def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
+    """(method, target, path, headers with lower-case names) of an HTTP/1 request head;
+    ValueError for anything else."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
@@ -651,7 +653,19 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
         if not sep or not name.strip():
             raise ValueError(f"malformed header line {line[:60]!r}")
         headers[name.strip().lower()] = value.strip()
-    return parts[0], parts[1], headers
+    path = urlsplit(parts[1]).path  # ValueError for e.g. an unbalanced "[" in the host
+    return parts[0], parts[1], path, headers
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object ({} when empty); ValueError for anything else."""
+    try:
+        value = json.loads(raw) if raw else {}
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if not isinstance(value, dict):
+        raise ValueError("body is not a JSON object")
+    return value
 
 
 _REASONS = {101: "Switching Protocols", 200: "OK", 204: "No Content", 400: "Bad Request",

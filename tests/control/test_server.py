@@ -17,6 +17,7 @@ import pytest
 
 from supervisor.control import noise
 from supervisor.control.server import ControlServer
+from supervisor.control.tailnet import Tailnet
 from tests.control.ts2021_client import (HTTPError, MapStream, Ts2021Client, http1, map_body,
                                          node_key, register_body, server_public_key, upgrade)
 
@@ -279,6 +280,26 @@ def test_admin_http(tmp_path: Path) -> None:
         assert [k["id"] for k in srv.admin("list_keys")] == [key["id"]]  # no key made by the 400s
 
     run(tmp_path, body)
+
+
+@pytest.mark.parametrize("path,data", [
+    ("/admin/keys", b'{"expiry": 1e999}'), ("/admin/keys", b'{"expiry": NaN}'),
+    ("/admin/keys", b'{"expiry": -5}'), ("/admin/keys", b'{"tags": [5]}'), ("/admin/keys", b'{"tags": 5}'),
+    ("/admin/keys", b"[" * 60_000), ("/admin/fault", b'{"status": 1e999}'),
+    ("/admin/fault", b'{"status": "x"}'), ("/admin/fault", b'{"status": 200}'),
+])
+def test_bad_admin_arguments_are_refused_and_the_state_still_loads(tmp_path: Path, path: str,
+                                                                  data: bytes) -> None:
+    """The admin API is the one writer of keys besides nodes: nothing it accepts may make
+    state.json unloadable (an infinite expiry used to be saved as `Infinity`)."""
+    async def body(srv: ControlServer, stack: contextlib.AsyncExitStack) -> None:
+        token = (srv.data_dir / "admin-token").read_text().strip()
+        status, raw = await http1(srv.url, "POST", path, data, {"Authorization": f"Bearer {token}"})
+        assert status in (400, 404) and json.loads(raw)["error"], (status, raw)
+        assert srv.admin("list_keys") == [] and srv.fault_status is None
+
+    run(tmp_path, body)
+    Tailnet(tmp_path / "control" / "state.json")  # loads: no StateError
 
 
 # -- persistence -----------------------------------------------------------------------------
