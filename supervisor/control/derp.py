@@ -275,7 +275,7 @@ class DerpServer:
         try:
             box = Box(self._priv, PublicKey(key))
             info = json.loads(box.decrypt(sealed))
-        except (CryptoError, ValueError) as e:
+        except (CryptoError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
             raise ProtocolError(f"cannot open client info from {short_key(key)}: {e}") from None
         if not isinstance(info, dict):
             raise ProtocolError("client info is not a JSON object")
