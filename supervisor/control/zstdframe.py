@@ -12,6 +12,7 @@ import struct
 MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_BLOCK = 128 * 1024  # Block_Maximum_Size
 MAX_MESSAGE = 4 << 20  # more than any netmap we send; guards readers against garbage
+MAX_CONTENT = MAX_MESSAGE  # decoded size; RLE blocks would otherwise expand 32768-fold
 
 
 class FrameError(ValueError):
@@ -29,7 +30,8 @@ def encode(data: bytes) -> bytes:
 
 
 def decode(frame: bytes) -> bytes:
-    """The content of a zstd frame made of raw and RLE blocks."""
+    """The content (at most MAX_CONTENT bytes) of a zstd frame made of raw and RLE
+    blocks; FrameError for anything else."""
     if frame[:4] != MAGIC:
         raise FrameError("magic number mismatch")
     if len(frame) < 5:
@@ -65,6 +67,8 @@ def decode(frame: bytes) -> bytes:
             pos += 1
         else:
             raise FrameError("compressed blocks are not supported")
+        if len(out) > MAX_CONTENT:
+            raise FrameError(f"content exceeds {MAX_CONTENT} bytes")
         if last:
             break
     pos += 4 * checksum
