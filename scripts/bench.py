@@ -427,7 +427,7 @@ def render_cost(rows: int = 50, reps: int = 100) -> float:
                            tailscale_ips=(f"100.64.0.{i + 1}", f"fd7a:115c:a1e0::{i + 1:x}"),
                            dns_name=f"proxy{i:02d}.tailnet.test", target=f"http://127.0.0.1:{8000 + i}",
                            pid=10000 + i, restarts=i % 3, recoveries=i % 2, last_error="",
-                           since=now - 3600, serve_pid=20000 + i, child_pids=(10000 + i, 20000 + i),
+                           since=now - 3600, child_pids=(10000 + i, 20000 + i),
                            key_expiry="2099-01-01T00:00:00Z", running_since=now - 3600)
              for i in range(rows)]
     usage = {s.name: (0.1 * (i % 7), 50 << 20) for i, s in enumerate(snaps)}

@@ -286,6 +286,7 @@ class Settings:
     start_timeout: float = 60.0         # launch -> Running, else treated as a crash
     hang_timeout: float = 20.0          # LocalAPI unanswered this long = hung tailscaled
     embedded_port: int = 0              # 0: pick once, then keep it (nodes remember the URL)
+    reconcile_period: float = 30.0      # seconds between observations of a quiet node
     metrics: str = ""                   # "127.0.0.1:9101": serve Prometheus text there (loopback)
     webhooks: tuple[Any, ...] = ()      # [[webhook]] tables: url, format, events
 
@@ -295,6 +296,7 @@ _SETTINGS_TYPES: dict[str, tuple[type, ...]] = {
     "start_limit": (int,), "start_window": (int, float), "backoff_initial": (int, float),
     "backoff_max": (int, float), "stop_grace": (int, float), "start_timeout": (int, float),
     "hang_timeout": (int, float), "embedded_port": (int,), "metrics": (str,),
+    "reconcile_period": (int, float),
 }
 
 

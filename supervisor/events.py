@@ -70,16 +70,22 @@ class EventLog:
         self.max_bytes = max_bytes
         self.listeners: list[Callable[[Event], None]] = []
         self.recent: list[Event] = []
+        self.dropped = 0  # lines the disk refused
         self._f = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(path, "a", buffering=1)
 
     def emit(self, event: Event) -> None:
+        """Record and announce. A full or read-only disk loses the line on
+        disk (counted in `dropped`), never the event: listeners still hear it."""
         if self._f is not None:
-            self._f.write(json.dumps(event.to_json()) + "\n")
-            if self._f.tell() > self.max_bytes:
-                self._rotate()
+            try:
+                self._f.write(json.dumps(event.to_json()) + "\n")
+                if self._f.tell() > self.max_bytes:
+                    self._rotate()
+            except OSError:
+                self.dropped += 1
         self.recent.append(event)
         del self.recent[:-500]
         for listener in list(self.listeners):
@@ -93,7 +99,10 @@ class EventLog:
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass
             self._f = None
 
 
@@ -105,10 +114,18 @@ class RotatingLog:
         self.path = path
         self.max_bytes = max_bytes
         self.keep = keep
+        self.dropped = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(path, "a", buffering=1)
 
     def write(self, line: str) -> None:
+        """Append one line; a full disk drops it (counted), it never raises."""
+        try:
+            self._write(line)
+        except OSError:
+            self.dropped += 1
+
+    def _write(self, line: str) -> None:
         self._f.write(redact(line) + "\n")
         if self._f.tell() > self.max_bytes:
             self._f.close()
@@ -120,4 +137,7 @@ class RotatingLog:
             self._f = open(self.path, "a", buffering=1)
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            pass

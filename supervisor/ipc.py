@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from supervisor import paths
+
 SOCKET_NAME = "supervisor.sock"
 MAX_REQUEST = 64 << 10   # bytes, newline included
 MAX_ANSWER = 16 << 20    # bytes the client reads before it gives up on an answer
@@ -39,11 +41,14 @@ class IPCServer:
     request_timeout = 10.0  # seconds a client has to send its request line
 
     def __init__(self, data_dir: Path, handlers: dict[str, Handler]):
-        self.path = data_dir / SOCKET_NAME
+        self.data_dir = data_dir
+        self.path = paths.supervisor_socket(data_dir)
         self.handlers = handlers
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        if self.path.parent != self.data_dir:  # the data dir's path is too long for a socket
+            paths.ensure_runtime_dir(self.data_dir)
         self.path.unlink(missing_ok=True)
         old = os.umask(0o177)  # the socket is born 0600: no window where others can connect
         try:
@@ -113,7 +118,7 @@ def call(data_dir: Path, cmd: str, timeout: float = 10.0, **args: Any) -> dict[s
     not ours, and IPCError (one line) for a request that cannot be sent or an
     answer that is missing, late, over MAX_ANSWER bytes, or not a JSON object.
     """
-    path = data_dir / SOCKET_NAME
+    path = paths.supervisor_socket(data_dir)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from supervisor.states import Signal
-from supervisor.tailscale import BackendState, BusEvent, NodeStatus
+from supervisor.tailscale import STATE_FILE, BackendState, BusEvent, NodeStatus, Observed
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,13 @@ class Verdict:
 LOGGED_OUT = "You are logged out. The last login error was: "
 _REJECTION = re.compile(r"invalid key|register request: http 40[13]\b")
 _NODE_GONE = "PollNetMap: initial fetch failed 404: node not found"
-_STATE_STORE = re.compile(r"State store failed to initialize|getLocalBackend error: store\.New")
+# The state cannot be read (tailscale's own words, 1.78.1 and 1.96.4): the
+# store will not open, the saved prefs do not parse, or a TPM-sealed state
+# does not unseal. 1.96.4's harmless "TPM: error opening" at every start is
+# deliberately not here.
+_STATE_STORE = re.compile(r"State store failed to initialize|\bstore\.New: |parsing saved prefs|"
+                          r"state store is unhealthy|failed to unseal (?:state file|encryption key|data)")
+_TIMESTAMP = re.compile(r"^\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)? ")
 _TRANSIENT_STDERR = re.compile(
     r"fetch control key: .*|PollNetMap: initial fetch failed 5\d\d: .*|"
     r"register request: http 5\d\d: .*|control: .*connection refused.*")
@@ -40,9 +46,17 @@ def is_rejection(text: str) -> bool:
     return bool(_REJECTION.search(text))
 
 
-def _short(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def whole(text: str, limit: int = 300) -> str:
+    """A reason on one line, in tailscale's own words: whitespace folded, a
+    log line's `DATE TIME ` prefix removed where there is one, and, when it
+    must be shortened, the middle cut so the cause at the end survives
+    (`... bind: invalid argument`)."""
+    text = " ".join(_TIMESTAMP.sub("", text.strip()).split())
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return text[:head] + " … " + text[-(limit - head - 3):]
+
 
 
 def from_bus(ev: BusEvent) -> list[Verdict]:
@@ -51,16 +65,16 @@ def from_bus(ev: BusEvent) -> list[Verdict]:
         return [Verdict(None, f"ignored a malformed IPN bus message: {ev.malformed}")]
     if ev.err_message:
         sig = Signal.AUTH_FAILURE if is_rejection(ev.err_message) else None
-        out.append(Verdict(sig, _short(ev.err_message)))
+        out.append(Verdict(sig, whole(ev.err_message)))
     if ev.browse_to_url:
         out.append(Verdict(Signal.AUTH_FAILURE,
                            "control asks for interactive login (stale state: node unknown to control)"))
     for code, text in (ev.health or {}).items():
         if _STATE_STORE.search(text):
-            out.append(Verdict(Signal.CORRUPT_STATE, _short(text)))
+            out.append(Verdict(Signal.CORRUPT_STATE, whole(text)))
         elif code == "login-state" and text.startswith(LOGGED_OUT):
             last = text[len(LOGGED_OUT):]
-            out.append(Verdict(Signal.AUTH_FAILURE if is_rejection(last) else None, _short(last)))
+            out.append(Verdict(Signal.AUTH_FAILURE if is_rejection(last) else None, whole(last)))
     return out
 
 
@@ -69,9 +83,11 @@ def from_stderr(line: str) -> Verdict | None:
     status stays Running for ~9 minutes, stderr is the only prompt signal)."""
     if _NODE_GONE in line:
         return Verdict(Signal.AUTH_FAILURE, "node deleted on the control (map poll: 404 node not found)")
+    if _STATE_STORE.search(line):
+        return Verdict(Signal.CORRUPT_STATE, "state file unreadable: " + whole(line))
     m = _TRANSIENT_STDERR.search(line)
     if m:
-        return Verdict(None, _short(m.group(0)))
+        return Verdict(None, whole(m.group(0)))
     return None
 
 
@@ -80,14 +96,13 @@ def from_exit(returncode: int | None, tail: list[str]) -> Verdict:
     reporting health, so the stderr tail decides between corrupt state and crash."""
     for line in reversed(tail):
         if _STATE_STORE.search(line):
-            return Verdict(Signal.CORRUPT_STATE,
-                           "state file unreadable: " + _short(line.split(" ", 2)[-1]))
+            return Verdict(Signal.CORRUPT_STATE, "state file unreadable: " + whole(line))
     last = next((l for l in reversed(tail) if l.strip()), "")
-    detail = f": {_short(last.split(' ', 2)[-1], 160)}" if last else ""
+    detail = f": {whole(last)}" if last else ""
     return Verdict(Signal.CRASH, f"tailscaled exited with status {returncode}{detail}")
 
 
-def from_needs_login(status: NodeStatus) -> Verdict | None:
+def from_needs_login(status: NodeStatus | Observed) -> Verdict | None:
     """NeedsLogin: why? None means the statedir simply needs a login with the
     key (fresh or logged out), which is the only time a key is ever sent."""
     if status.backend_state != BackendState.NEEDS_LOGIN:
@@ -97,6 +112,33 @@ def from_needs_login(status: NodeStatus) -> Verdict | None:
                        "control asks for interactive login (stale state: node unknown to control)")
     if status.expired:
         return Verdict(Signal.KEY_EXPIRED, f"node key expired ({status.key_expiry})")
+    return None
+
+
+def check_state_file(statedir: Path) -> Verdict | None:
+    """Before a launch: is `tailscaled.state` readable state? A missing file
+    is a fresh node (None). Zero bytes, or anything that is not a JSON object
+    with `_machinekey`, is corrupt: 1.78.1 would treat a zero-byte file as
+    missing, overwrite it and silently register a new node. A TPM-sealed
+    file (1.96.4 `--encrypt-state`: {"key", "nonce", "data"}) cannot be
+    checked here and passes; tailscaled reports an unseal failure itself."""
+    path = statedir / STATE_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return Verdict(Signal.CORRUPT_STATE, f"state file unreadable: {path}: {e.strerror or e}")
+    if not raw.strip():
+        return Verdict(Signal.CORRUPT_STATE, f"state file is empty ({len(raw)} bytes): {path}")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return Verdict(Signal.CORRUPT_STATE, f"state file is not JSON: {path}")
+    if isinstance(data, dict) and {"key", "nonce", "data"} <= data.keys():
+        return None  # sealed by a TPM
+    if not isinstance(data, dict) or not data.get("_machinekey"):
+        return Verdict(Signal.CORRUPT_STATE, f"state file has no machine key: {path}")
     return None
 
 
@@ -127,7 +169,10 @@ class Budget:
         self.record = self._load()
         if self.record.fingerprint != fingerprint:
             self.record = BudgetRecord(fingerprint=fingerprint)
-            self._save()
+            try:
+                self._save()
+            except OSError:
+                pass  # a full disk: the fresh record lives in memory; spend() must still persist
 
     def _load(self) -> BudgetRecord:
         try:

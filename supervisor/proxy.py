@@ -1,5 +1,6 @@
-"""One proxy's runner: owns its tailscaled, `tailscale up` and `tailscale serve`
-children, turns what they say into signals, and applies `decide()`.
+"""One proxy's runner: owns its tailscaled and the short-lived `tailscale`
+CLI children (up, serve, set), turns what they say into signals, and
+applies `decide()`.
 
 Structure (after Supervisor's process.py and trio's ownership rule):
 - `run()` is the only place that changes state: it takes one signal at a
@@ -7,12 +8,18 @@ Structure (after Supervisor's process.py and trio's ownership rule):
 - each launch is a generation with its own TaskGroup; everything the launch
   starts is reaped in its `finally`, and signals from an older generation are
   dropped, so a dying child can never trigger a second recovery;
-- `_timers()` holds every time-driven transition.
+- `_timers()` holds every time-driven transition, including the deadline
+  of every transitional state;
+- `_reconcile()` is level-triggered: on each IPN bus change and on a timer it
+  observes the node (status, prefs, serve config), compares it with the
+  config (reconcile.py) and fixes what can be fixed in place; the proxy is
+  `running` only while nothing differs.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import time
@@ -21,7 +28,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from supervisor import policy, procs
+from supervisor import paths, policy, procs, upstream
+from supervisor import reconcile as rc
 from supervisor import tailscale as ts
 from supervisor.config import ProxyConfig, Settings
 from supervisor.events import Event, EventLog, RotatingLog, redact, register_secret
@@ -58,18 +66,26 @@ class ProxySnapshot:
     recoveries: int
     last_error: str
     since: float  # wall clock of the last state change
-    serve_pid: int | None = None
     child_pids: tuple[int, ...] = ()
     key_expiry: str | None = None
     running_since: float | None = None  # wall clock
+    reason: str = ""          # why the proxy is not `running` now ("" when it is)
+    node_id: str = ""         # the node's stable ID (Self.ID) once known
+    upstream: str | None = None  # last probe of the target: "ok", "refused", "timeout", "TLS: ..."; None: not probed yet
 
     def to_json(self) -> dict:
+        """One proxy in `status --json` (schema: README, "status --json")."""
         from supervisor.events import iso
         return {"name": self.name, "hostname": self.hostname, "state": self.state,
+                "reason": redact(self.reason), "last_error": redact(self.last_error),
+                "since": iso(self.since), "node_id": self.node_id,
                 "tailscale_ips": list(self.tailscale_ips), "dns_name": self.dns_name,
-                "target": self.target, "pid": self.pid, "restarts": self.restarts,
-                "recoveries": self.recoveries, "last_error": redact(self.last_error),
-                "since": iso(self.since)}
+                "key_expiry": self.key_expiry, "target": self.target, "upstream": self.upstream,
+                "pid": self.pid, "restarts": self.restarts, "recoveries": self.recoveries}
+
+
+_REJECTIONS = (Signal.AUTH_FAILURE, Signal.KEY_EXPIRED, Signal.CORRUPT_STATE)
+CLI_TIMEOUT = 20.0       # seconds for one `tailscale serve`/`set` invocation
 
 
 @dataclass
@@ -80,35 +96,50 @@ class Launch:
     task: asyncio.Task | None = None
     tg: asyncio.TaskGroup | None = None
     tailscaled: procs.Child | None = None
-    serve: procs.Child | None = None
     up: procs.Child | None = None
+    cli: set = field(default_factory=set)  # short-lived tailscale CLI children in flight
     tail: deque = field(default_factory=lambda: deque(maxlen=40))
     stopping: bool = False
-    serve_restart_at: float | None = None
+    dirty: asyncio.Event = field(default_factory=asyncio.Event)  # observe again, now
+    login_retry_at: float = 0.0
+    login_attempts: int = 0
+    login_error: str = ""
+    serve_retry_at: float = 0.0
+    serve_attempts: int = 0
+    serve_error: str = ""
+    hostname_retry_at: float = 0.0
+    hostname_attempts: int = 0
+    logged_in: bool = False  # a `tailscale up` of this launch succeeded
 
 
 class Proxy:
     def __init__(self, cfg: ProxyConfig, ctx: Context):
         self.cfg = cfg
         self.ctx = ctx
-        self.dir = ctx.data_dir / "proxies" / cfg.name
-        self.statedir = self.dir / "state"
+        self.dir = paths.proxy_dir(ctx.data_dir, cfg.name)
+        self.statedir = paths.statedir(ctx.data_dir, cfg.name)
+        self.socket = paths.proxy_socket(ctx.data_dir, cfg.name)  # fits a unix socket address
         self.budget = Budget(self.dir / "recovery.json", cfg.fingerprint())
         self.state = State.STOPPED
         self.since = time.time()
         self.last_error = ""
+        self.reason = "not started"  # why the proxy is not running ("" while it is)
         self.restarts = 0
         self.recoveries = 0
-        self.node: ts.NodeStatus | None = None
+        self.observed: ts.Observed | None = None
+        self.upstream: str | None = None  # the last probe of the target (upstream.probe)
         self._restart_times: deque[float] = deque()
+        self._os_errors = 0
         self._inbox: asyncio.Queue[tuple[int | None, Signal, str, float]] = asyncio.Queue()
         self.detections: deque[float] = deque(maxlen=1000)  # seconds, signal seen -> state changed
         self._gen = 0
         self._launch: Launch | None = None
         self._backoff_until: float | None = None
+        self._deadline: float | None = None  # monotonic: when a transitional state gives up
         self._running_since: float | None = None  # monotonic
         self._exit_when_stopped = False
         self._log: RotatingLog | None = None
+        self._reauth_at = 0.0  # monotonic: when the last in-place re-login started
 
     # -- public ---------------------------------------------------------------
 
@@ -117,21 +148,31 @@ class Proxy:
         self._inbox.put_nowait((None, sig, reason, time.monotonic()))
 
     def force_recovery(self) -> None:
-        """The operator says the state is stale: one wipe and relaunch, with a fresh budget."""
+        """The operator says the state is stale: one recovery, with a fresh
+        budget, from any state (a `failed` proxy included)."""
         self.budget.rearm()
-        self.request(Signal.AUTH_FAILURE, "operator forced a stale-state recovery")
+        self.request(Signal.FORCE_RECOVER, "operator forced a stale-state recovery")
 
     def shutdown(self) -> None:
         """Stop the children and make run() return."""
         self._exit_when_stopped = True
         self.request(Signal.STOP, "supervisor stopping")
 
+    def desired(self) -> rc.Desired:
+        """What the config asks of the node (reconcile.Desired)."""
+        c = self.cfg
+        return rc.Desired(
+            control_url=rc.normalize_control_url(self.ctx.control_url(c)),
+            hostname=c.hostname, tags=tuple(c.tags),
+            services=frozenset({rc.desired_service(c.serve, c.port, c.target)}))
+
     def snapshot(self) -> ProxySnapshot:
         L = self._launch
         td = L.tailscaled if L and L.tailscaled and L.tailscaled.alive else None
-        sv = L.serve if L and L.serve and L.serve.alive else None
-        node = self.node if self.state in (State.RUNNING, State.RECOVERING, State.STARTING) else None
-        pids = tuple(c.pid for c in (td, sv, L.up if L else None) if c and c.alive)
+        node = self.observed if self.state in (State.RUNNING, State.DEGRADED, State.RECOVERING,
+                                               State.STARTING) else None
+        kids = [td, L.up if L else None, *(L.cli if L else ())]
+        pids = tuple(c.pid for c in kids if c is not None and c.alive)
         running_wall = (time.time() - (time.monotonic() - self._running_since)
                         if self._running_since is not None else None)
         return ProxySnapshot(
@@ -139,13 +180,17 @@ class Proxy:
             tailscale_ips=node.tailscale_ips if node else (),
             dns_name=node.dns_name if node else "", target=self.cfg.target,
             pid=td.pid if td else None, restarts=self.restarts, recoveries=self.recoveries,
-            last_error=self.last_error, since=self.since, serve_pid=sv.pid if sv else None,
+            last_error=self.last_error, since=self.since,
             child_pids=pids, key_expiry=node.key_expiry if node else None,
-            running_since=running_wall)
+            running_since=running_wall, reason=self.reason,
+            node_id=node.node_id if node else "", upstream=self.upstream)
 
     async def run(self) -> None:
         """The proxy's main loop. Returns only after shutdown() has stopped everything."""
-        self._log = RotatingLog(self.dir / "tailscaled.log")
+        try:
+            self._log = RotatingLog(self.dir / "tailscaled.log")
+        except OSError as e:  # a full or read-only data dir: run without the log file
+            self._note("transient", f"cannot open {self.dir / 'tailscaled.log'}: {e.strerror or e}")
         try:
             if self.budget.failed_reason:
                 # failed on auth in an earlier run: stay failed, no new registration attempt
@@ -159,10 +204,15 @@ class Proxy:
                 gen, sig, reason, seen = item
                 if gen is not None and (self._launch is None or gen != self._launch.gen):
                     continue  # news from children of an earlier launch
+                if gen is not None and seen < self._reauth_at and sig in _REJECTIONS:
+                    continue  # observed before the re-login that answers it
                 d = decide(self.state, self._facts(sig))
                 if gen is not None and d.event and d.state is not self.state:
                     self.detections.append(time.monotonic() - seen)
-                await self._apply(d, sig, reason)
+                try:
+                    await self._apply(d, sig, reason)
+                except OSError as e:  # our own files (budget, wipe) on a full or read-only disk
+                    self.request(Signal.OS_ERROR, f"supervisor bookkeeping failed: {e}")
                 if self._exit_when_stopped and self.state is State.STOPPED:
                     return
         finally:
@@ -185,10 +235,10 @@ class Proxy:
         times = []
         if self.state is State.BACKOFF and self._backoff_until is not None:
             times.append(self._backoff_until)
+        if self.state in (State.STARTING, State.RECOVERING) and self._deadline is not None:
+            times.append(self._deadline)
         if self.state is State.RUNNING and self._running_since is not None and not self.budget.armed:
             times.append(self._running_since + self.ctx.settings.healthy_period)
-        if self._launch and self._launch.serve_restart_at is not None:
-            times.append(self._launch.serve_restart_at)
         return min(times) if times else None
 
     def _timers(self, now: float) -> tuple[int | None, Signal, str, float] | None:
@@ -196,14 +246,14 @@ class Proxy:
         if self.state is State.BACKOFF and self._backoff_until is not None and now >= self._backoff_until:
             self._backoff_until = None
             return (None, Signal.BACKOFF_OVER, "backoff over", now)
+        if (self.state in (State.STARTING, State.RECOVERING) and self._deadline is not None
+                and now >= self._deadline):
+            self._deadline = None
+            t = self.ctx.settings.start_timeout
+            return (None, Signal.DEADLINE, f"not serving after {t:g}s: {self.reason or 'no answer'}", now)
         if (self.state is State.RUNNING and self._running_since is not None and not self.budget.armed
                 and now >= self._running_since + self.ctx.settings.healthy_period):
             return (None, Signal.HEALTHY, f"running for {self.ctx.settings.healthy_period:g}s", now)
-        L = self._launch
-        if L and L.serve_restart_at is not None and now >= L.serve_restart_at:
-            L.serve_restart_at = None
-            if L.tg is not None and not L.stopping:
-                L.tg.create_task(self._start_serve(L))
         return None
 
     def _facts(self, sig: Signal) -> Facts:
@@ -217,25 +267,34 @@ class Proxy:
 
     def _transition(self, state: State, event: str, reason: str) -> None:
         """The one place state changes; every change is an event."""
+        entering = state is not self.state
         self.state = state
         self.since = time.time()
+        now = time.monotonic()
+        self._running_since = now if state is State.RUNNING else None
+        if state in (State.STARTING, State.RECOVERING) and (entering or event in ("started", "reregistering")):
+            self._deadline = now + self.ctx.settings.start_timeout
         if state is State.RUNNING:
-            self._running_since = time.monotonic()
-        else:
-            self._running_since = None
-        if state in (State.FAILED, State.BACKOFF, State.RECOVERING) and reason:
+            self.reason = ""
+            self._os_errors = 0
+        elif reason:
+            self.reason = reason
+        if state in (State.FAILED, State.BACKOFF, State.RECOVERING, State.DEGRADED) and reason:
             self.last_error = reason
         self.ctx.events.emit(Event(self.cfg.name, event, state.value, reason, detail=self._detail()))
 
     def _detail(self) -> dict:
         d = {"restarts": self.restarts, "recoveries": self.recoveries}
-        if self.state is State.RUNNING and self.node:
-            d.update(ips=list(self.node.tailscale_ips), dns_name=self.node.dns_name)
+        if self.state is State.RUNNING and self.observed:
+            d.update(ips=list(self.observed.tailscale_ips), dns_name=self.observed.dns_name)
         return d
 
     def _note(self, kind: str, reason: str) -> None:
-        """An event that is not a transition (transient errors, serve restarts)."""
+        """An event that is not a transition (transient errors, serve applies)."""
         self.ctx.events.emit(Event(self.cfg.name, kind, None, reason))
+
+    def _backoff(self, attempt: int) -> float:
+        return policy.backoff_delay(attempt, self.ctx.settings.backoff_initial, self.ctx.settings.backoff_max)
 
     async def _apply(self, d: Decision, sig: Signal, reason: str) -> None:
         a = d.action
@@ -244,38 +303,39 @@ class Proxy:
         if a is Action.RECOVER or a is Action.REAUTH:
             self.budget.spend(reason)  # durable before anything is destroyed
             self.recoveries += 1
-        if a is Action.SCHEDULE_RESTART or a is Action.RESTART_SERVE:
+        if a is Action.SCHEDULE_RESTART:
             self.restarts += 1
             self._restart_times.append(time.monotonic())
         if a is Action.STOP:  # stopped or failed means the children are gone: stop them first
             await self._stop_children(logout=self.cfg.ephemeral and d.state is State.STOPPED)
         if d.event:
             self._transition(d.state, d.event, reason)
+        elif sig is Signal.DEGRADED and self.state is State.DEGRADED and reason != self.reason:
+            self.reason = self.last_error = reason  # still degraded, for another reason
+            self._note("degraded", reason)
 
         if a is Action.LAUNCH:
             await self._stop_children()
             self._start_launch()
-        elif a is Action.RECOVER:
+        elif a is Action.RECOVER or a is Action.REREGISTER:
             await self._stop_children()
             await asyncio.to_thread(shutil.rmtree, self.statedir, True)
-            self._note("wiped", f"removed {self.statedir}")
+            self._note("wiped", f"removed {self.statedir}" + (
+                "" if a is Action.RECOVER else " (config changed: login_server)"))
             self._start_launch()
         elif a is Action.REAUTH:
             L = self._launch
-            if L and L.tg:
+            self._reauth_at = time.monotonic()
+            if L and L.tg and not (L.up and L.up.alive):
+                L.login_retry_at = float("inf")
                 L.tg.create_task(self._login(L))
-        elif a is Action.RESTART_SERVE:
-            L = self._launch
-            if L:
-                delay = policy.backoff_delay(len(self._restart_times), self.ctx.settings.backoff_initial,
-                                             self.ctx.settings.backoff_max)
-                self._note("serve_restarting", f"{reason}; restarting serve in {delay:g}s")
-                L.serve_restart_at = time.monotonic() + delay
         elif a is Action.SCHEDULE_RESTART:
             await self._stop_children()
-            delay = policy.backoff_delay(len(self._restart_times), self.ctx.settings.backoff_initial,
-                                         self.ctx.settings.backoff_max)
-            self._backoff_until = time.monotonic() + delay
+            self._backoff_until = time.monotonic() + self._backoff(len(self._restart_times))
+        elif a is Action.RETRY_LATER:  # our own bookkeeping failed: heal when it can, never count
+            await self._stop_children()
+            self._os_errors += 1
+            self._backoff_until = time.monotonic() + self._backoff(self._os_errors)
         elif a is Action.STOP:
             if d.state is State.FAILED and sig in (Signal.AUTH_FAILURE, Signal.CORRUPT_STATE,
                                                     Signal.KEY_EXPIRED):
@@ -298,7 +358,7 @@ class Proxy:
         self._gen += 1
         L = Launch(self._gen)
         self._launch = L
-        self.node = None
+        self.observed = None
         L.task = asyncio.create_task(self._launch_main(L), name=f"{self.cfg.name}-launch{L.gen}")
 
     async def _stop_children(self, logout: bool = False) -> None:
@@ -316,23 +376,41 @@ class Proxy:
 
     async def _launch_main(self, L: Launch) -> None:
         try:
+            corrupt = await asyncio.to_thread(policy.check_state_file, self.statedir)
+            if corrupt is not None:  # before tailscaled can overwrite it (1.78.1 would)
+                self.post(L, corrupt)
+                return
             async with asyncio.TaskGroup() as tg:
                 L.tg = tg
                 await self._spawn_tailscaled(L)
                 tg.create_task(self._watch(L))
+                tg.create_task(self._reconcile(L))
                 tg.create_task(self._probe(L))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug or an OS error must not take the fleet down
             errs = e.exceptions if isinstance(e, BaseExceptionGroup) else [e]
-            self.post(L, Verdict(Signal.CRASH, redact(f"launch failed: {errs[0]}")))
+            first = errs[0]
+            if self._is_bookkeeping(first):
+                self.post(L, Verdict(Signal.OS_ERROR, redact(f"supervisor bookkeeping failed: {first}")))
+            else:
+                self.post(L, Verdict(Signal.CRASH, redact(f"launch failed: {first}")))
         finally:
             await asyncio.shield(self._reap(L))
 
+    def _is_bookkeeping(self, e: BaseException) -> bool:
+        """Our own files failed (a full or read-only data dir): not tailscaled's fault."""
+        if isinstance(e, procs.SpawnError):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                                                   errno.EACCES, errno.EPERM):
+            return str(e.filename or "").startswith(str(self.ctx.data_dir))
+        return False
+
     async def _reap(self, L: Launch) -> None:
-        """Stop bottom-up: serve and up first, then tailscaled. Always reaps."""
+        """Stop bottom-up: CLI children first, then tailscaled. Always reaps."""
         grace = self.ctx.settings.stop_grace
-        for child in (L.serve, L.up, L.tailscaled):
+        for child in (*list(L.cli), L.up, L.tailscaled):
             if child is not None:
                 await procs.stop(child, grace)
         (self.dir / "authkey").unlink(missing_ok=True)
@@ -340,10 +418,12 @@ class Proxy:
     async def _spawn_tailscaled(self, L: Launch) -> None:
         assert L.tg is not None
         self.statedir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.socket.parent != self.statedir:
+            await asyncio.to_thread(paths.ensure_runtime_dir, self.ctx.data_dir)
         control = self.ctx.control_url(self.cfg)
         pipe = self.ctx.death_pipe
         argv, env = ts.tailscaled_command(
-            self.ctx.bins, self.statedir,
+            self.ctx.bins, self.statedir, self.socket,
             quiet_control_url=control if self.cfg.local_control else None,
             parent_death_fd=pipe.read_fd if pipe else None)
         L.tailscaled = await procs.spawn("tailscaled", argv, env, pidfile=self.dir / "pids" / "tailscaled.pid",
@@ -359,148 +439,237 @@ class Proxy:
             v = policy.from_stderr(line)
             if v is not None and not L.stopping:
                 self.post(L, v)
-        rc = await child.proc.wait()
+        rc_ = await child.proc.wait()
         if not L.stopping:
-            self.post(L, policy.from_exit(rc, list(L.tail)))
+            self.post(L, policy.from_exit(rc_, list(L.tail)))
 
     async def _watch(self, L: Launch) -> None:
-        """Follow the IPN bus; log in when (and only when) the state needs it;
-        start serve once Running. Exits are _follow_tailscaled's to report."""
-        api = ts.LocalAPI(self.statedir / ts.SOCKET_FILE)
-        deadline = time.monotonic() + self.ctx.settings.start_timeout
+        """Follow the IPN bus: classify what it says, and have the node
+        observed again on every change that is not just a netmap."""
+        api = ts.LocalAPI(self.socket)
         while not L.stopping:
             try:
                 await api.ping()
-            except (OSError, ts.LocalAPIError):
-                if time.monotonic() > deadline:
-                    self.post(L, Verdict(Signal.CRASH, f"tailscaled's LocalAPI did not answer within "
-                                                       f"{self.ctx.settings.start_timeout:g}s"))
-                    return
+            except (OSError, ts.LocalAPIError, asyncio.IncompleteReadError):
+                self.reason = "waiting for tailscaled's LocalAPI"
                 await asyncio.sleep(0.01)
                 continue
             try:
                 async for ev in api.watch_bus():
-                    await self._on_bus(L, api, ev)
-            except (OSError, ts.LocalAPIError, asyncio.IncompleteReadError, ValueError):
+                    for v in policy.from_bus(ev):
+                        self.post(L, v)
+                    if not ev.netmap:
+                        L.dirty.set()
+            except (OSError, ts.LocalAPIError, asyncio.IncompleteReadError):
                 pass
             if not (L.tailscaled and L.tailscaled.alive):
                 return
             await asyncio.sleep(0.1)  # bus dropped but tailscaled lives: follow it again
 
-    async def _on_bus(self, L: Launch, api: ts.LocalAPI, ev: ts.BusEvent) -> None:
+    # -- reconcile: observed vs desired -------------------------------------------
+
+    async def _reconcile(self, L: Launch) -> None:
+        """Level-triggered: observe on every bus change (coalesced) and every
+        `reconcile_period` seconds, compare with the config, fix what can be fixed in
+        place, and say whether the proxy is serving."""
+        api = ts.LocalAPI(self.socket)
+        want = self.desired()
         assert L.tg is not None
-        for v in policy.from_bus(ev):
-            self.post(L, v)
-        if L.stopping or ev.state is None:
+        L.tg.create_task(self._watch_upstream(L))
+        while not L.stopping:
+            now = time.monotonic()
+            wake = min([now + self.ctx.settings.reconcile_period] + [t for t in (L.login_retry_at, L.serve_retry_at,
+                                                               L.hostname_retry_at) if t > now])
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wake - now):
+                    await L.dirty.wait()
+            L.dirty.clear()
+            try:
+                obs = await api.observe()
+            except (OSError, ts.LocalAPIError, asyncio.IncompleteReadError) as e:
+                self.reason = f"tailscaled's LocalAPI does not answer: {e}"
+                continue
+            self.observed = obs
+            try:
+                await self._act(L, api, want, obs)
+            except (OSError, ts.LocalAPIError, asyncio.IncompleteReadError) as e:
+                self.reason = f"tailscaled's LocalAPI does not answer: {e}"
+
+    async def _act(self, L: Launch, api: ts.LocalAPI, want: rc.Desired, obs: ts.Observed) -> None:
+        st = obs.backend_state
+        now = time.monotonic()
+        if st is not ts.BackendState.RUNNING:
+            login_in_flight = bool(L.up and L.up.alive) or L.login_retry_at == float("inf")
+            if st is ts.BackendState.NEEDS_LOGIN and not login_in_flight:
+                v = policy.from_needs_login(obs)
+                if v is not None and not (v.signal is Signal.KEY_EXPIRED and self.state is State.RECOVERING):
+                    self.post(L, v)
+                    return
+                # fresh or logged-out statedir, or the re-login of an expired key (again, if it
+                # did not take: the recovery's deadline bounds it)
+                self._start_login(L, with_key=True, logged_out=obs.logged_out)
+            elif st is ts.BackendState.STOPPED:
+                self._start_login(L, with_key=False)  # logged in, just not wanted up
+            why = rc.reconcile(want, obs)[0].reason + (f"; tailscale up: {L.login_error}" if L.login_error else "")
+            self.reason = why
+            if self.state in (State.RUNNING, State.DEGRADED):
+                self.post(L, Verdict(Signal.NOT_RUNNING, why))
             return
-        if ev.state is ts.BackendState.NEEDS_LOGIN and not (L.up and L.up.alive):
-            v = policy.from_needs_login(await api.status())
-            if v is not None:
-                self.post(L, v)
-            else:
-                L.tg.create_task(self._login(L))  # fresh or logged-out statedir
-        elif ev.state is ts.BackendState.STOPPED and not (L.up and L.up.alive):
-            L.tg.create_task(self._login(L, with_key=False))  # logged in, just not wanted up
-        elif ev.state is ts.BackendState.RUNNING:
-            L.tg.create_task(self._on_running(L, api))
+
+        if not obs.tailscale_ips:  # Running, but no netmap yet (1.78.1 says so briefly): serve would fail
+            self.reason = "tailscaled is Running, waiting for its first netmap"
+            return
+        diffs = rc.reconcile(want, obs)
+        kinds = {d.kind for d in diffs}
+        if rc.Kind.CONTROL in kinds:
+            self.post(L, Verdict(Signal.REREGISTER, "config changed: login_server (" +
+                                 next(d.reason for d in diffs if d.kind is rc.Kind.CONTROL) + ")"))
+            return
+        refused = rc.serve_preflight(want, obs)
+        servable = frozenset(want.services - refused.keys())
+        if self.state is State.RUNNING and diffs:  # it was serving; something changed under it
+            self._note("drift", "; ".join(d.reason for d in diffs))
+        fixed = False
+        if rc.Kind.HOSTNAME in kinds and now >= L.hostname_retry_at:
+            err = await self._cli(L, ts.set_hostname_command(self.ctx.bins, self.socket,
+                                                              want.hostname))
+            L.hostname_attempts = L.hostname_attempts + 1 if err else 0
+            L.hostname_retry_at = now + self._backoff(L.hostname_attempts) if err else 0.0
+            fixed = True
+        if obs.services != servable and now >= L.serve_retry_at:
+            err = await self._apply_serve(L, servable)
+            L.serve_error = err or ""
+            L.serve_attempts = L.serve_attempts + 1 if err else 0
+            L.serve_retry_at = now + self._backoff(L.serve_attempts) if err else 0.0
+            fixed = True
+        if fixed:
+            obs = await api.observe()
+            self.observed = obs
+            diffs = rc.reconcile(want, obs)
+        if not diffs:
+            if L.serve_error:
+                L.serve_error = ""
+            self.post(L, Verdict(Signal.RUNNING, ", ".join(obs.tailscale_ips)))
+            return
+        reasons = [f"{s.describe()}: {why}" for s, why in sorted(refused.items())]
+        reasons += [d.reason for d in diffs if not (d.kind is rc.Kind.SERVE and refused
+                                                    and obs.services == servable)]
+        if L.serve_error:
+            reasons.append(L.serve_error)
+        self.post(L, Verdict(Signal.DEGRADED, policy.whole("; ".join(reasons))))
+
+    async def _apply_serve(self, L: Launch, services: frozenset[ts.Service]) -> str | None:
+        """The serve config as one unit: reset, then one `tailscale serve --bg`
+        per service. Returns None, or the first failure in tailscale's words."""
+        sock = self.socket
+        err = await self._cli(L, ts.serve_reset_command(self.ctx.bins, sock))
+        for s in sorted(services):
+            if err:
+                break
+            err = await self._cli(L, ts.serve_apply_command(self.ctx.bins, sock, s))
+            if err:
+                err = f"{s.describe()}: {err}"
+        self._note("serve_applied" if not err else "serve_failed",
+                   err or f"{len(services)} service(s) applied")
+        return err
+
+    async def _cli(self, L: Launch, argv: list[str]) -> str | None:
+        """Run one short-lived tailscale CLI command owned by this launch.
+        Returns None on success, else its last line (or why it did not finish)."""
+        child = await procs.spawn(argv[2] if len(argv) > 2 else "cli", argv, ts.cli_env())
+        L.cli.add(child)
+        try:
+            assert child.proc.stdout is not None
+            try:
+                async with asyncio.timeout(CLI_TIMEOUT):
+                    out = (await child.proc.stdout.read()).decode(errors="replace")
+                    code = await child.proc.wait()
+            except TimeoutError:
+                return f"`tailscale {argv[2] if len(argv) > 2 else ''}` did not finish within {CLI_TIMEOUT:g}s"
+        finally:
+            await procs.stop(child, 1)
+            L.cli.discard(child)
+        if code == 0:
+            return None
+        last = next((l for l in reversed(out.splitlines()) if l.strip()), f"exit status {code}")
+        return redact(policy.whole(last))
+
+    async def _watch_upstream(self, L: Launch) -> None:
+        """Probe the target the way serve reaches it, every reconcile period.
+        Seen, never acted on: a failing upstream is not a proxy state."""
+        while not L.stopping:
+            result = await upstream.probe(self.cfg.target)
+            if result != self.upstream:
+                self._note("upstream", f"{self.cfg.target}: {result}")
+            self.upstream = result
+            await asyncio.sleep(self.ctx.settings.reconcile_period)
+
+    def _start_login(self, L: Launch, with_key: bool, logged_out: bool = False) -> None:
+        if L.stopping or (L.up and L.up.alive) or time.monotonic() < L.login_retry_at or L.tg is None:
+            return
+        if L.logged_in and with_key and not logged_out:
+            return  # NeedsLogin right after a good login is the state catching up (1.78.1), not news
+        L.login_retry_at = float("inf")  # until this attempt ends (a login in flight)
+        L.tg.create_task(self._login(L, with_key))
 
     async def _login(self, L: Launch, with_key: bool = True) -> None:
         """`tailscale up`, with the key in a 0600 file (never argv) that is
         removed when up exits. Only ever run on a statedir that needs login,
-        never on a working node (facts §4e)."""
+        never on a working node (facts §4e). A failure that is not a
+        rejection is retried with backoff within this launch."""
         if L.up and L.up.alive:
             return
         key_file = None
-        if with_key:
-            try:
-                key = await self.ctx.auth_key(self.cfg)
-            except Exception as e:
-                self.post(L, Verdict(Signal.CRASH, redact(f"cannot get an auth key: {e}")))
-                return
-            register_secret(key)
-            key_file = self.dir / "authkey"
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(key)
-        argv = ts.up_command(self.ctx.bins, self.statedir / ts.SOCKET_FILE,
-                             login_server=self.ctx.control_url(self.cfg), hostname=self.cfg.hostname,
-                             auth_key_file=key_file, tags=self.cfg.tags,
-                             timeout=self.ctx.settings.start_timeout)
-        L.up = await procs.spawn("up", argv, ts.cli_env())
-        assert L.up.proc.stdout is not None
-        out = (await L.up.proc.stdout.read()).decode(errors="replace")
-        rc = await L.up.proc.wait()
-        if key_file:
-            key_file.unlink(missing_ok=True)
-        if rc != 0 and not L.stopping:
-            last = next((l for l in reversed(out.splitlines()) if l.strip()), f"exit status {rc}")
-            text = last.removeprefix("backend error: ")
-            self.post(L, Verdict(Signal.AUTH_FAILURE if policy.is_rejection(text) else None,
-                                 redact(f"tailscale up: {text}")))
-
-    async def _on_running(self, L: Launch, api: ts.LocalAPI) -> None:
         try:
-            self.node = await api.status()
-            if not (L.serve and L.serve.alive):
-                await self._start_serve(L)
-            if await self._serve_ready(L, api):
-                self.post(L, Verdict(Signal.RUNNING, ", ".join(self.node.tailscale_ips)))
-        except (OSError, ts.LocalAPIError):
-            pass  # tailscaled went away meanwhile; its exit is reported elsewhere
-
-    async def _start_serve(self, L: Launch) -> None:
-        if L.stopping or (L.serve and L.serve.alive):
+            if with_key:
+                try:
+                    key = await self.ctx.auth_key(self.cfg)
+                except Exception as e:
+                    self._login_failed(L, redact(f"cannot get an auth key: {e}"))
+                    return
+                register_secret(key)
+                key_file = self.dir / "authkey"
+                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(key)
+            argv = ts.up_command(self.ctx.bins, self.socket,
+                                 login_server=self.ctx.control_url(self.cfg), hostname=self.cfg.hostname,
+                                 auth_key_file=key_file, tags=self.cfg.tags,
+                                 timeout=self.ctx.settings.start_timeout)
+            L.up = await procs.spawn("up", argv, ts.cli_env())
+            assert L.up.proc.stdout is not None
+            out = (await L.up.proc.stdout.read()).decode(errors="replace")
+            code = await L.up.proc.wait()
+        finally:
+            if key_file:
+                key_file.unlink(missing_ok=True)
+        if L.stopping:
             return
-        argv = ts.serve_command(self.ctx.bins, self.statedir / ts.SOCKET_FILE,
-                                mode=self.cfg.serve, port=self.cfg.port, target=self.cfg.target)
-        L.serve = await procs.spawn("serve", argv, ts.cli_env(), pidfile=self.dir / "pids" / "serve.pid")
-        assert L.tg is not None
-        L.tg.create_task(self._follow_serve(L, L.serve))
+        if code == 0:
+            L.login_error, L.login_attempts, L.login_retry_at = "", 0, 0.0
+            L.logged_in = with_key
+            L.dirty.set()
+            return
+        last = next((l for l in reversed(out.splitlines()) if l.strip()), f"exit status {code}")
+        text = last.removeprefix("backend error: ")
+        if policy.is_rejection(text):
+            L.login_retry_at = 0.0
+            self.post(L, Verdict(Signal.AUTH_FAILURE, redact(f"tailscale up: {policy.whole(text)}")))
+        else:
+            self._login_failed(L, redact(f"tailscale up: {policy.whole(text)}"))
 
-    async def _follow_serve(self, L: Launch, child: procs.Child) -> None:
-        assert child.proc.stdout is not None
-        tail: deque[str] = deque(maxlen=5)
-        async for line in procs.lines(child.proc.stdout):
-            if line.strip():
-                tail.append(line)
-                if self._log:
-                    self._log.write(f"[serve] {line}")
-        rc = await child.proc.wait()
-        if not L.stopping and await self._tailscaled_exits(L):
-            return  # serve only lost its tailscaled; that exit is the one to report
-        if not L.stopping:
-            last = tail[-1] if tail else ""
-            self.post(L, Verdict(Signal.SERVE_CRASH, redact(f"tailscale serve exited with status {rc}"
-                                                            + (f": {last}" if last else ""))))
-
-    @staticmethod
-    async def _tailscaled_exits(L: Launch, grace: float = 1.0) -> bool:
-        """Did tailscaled die too? serve exits first when tailscaled is killed, and
-        one death must count as one restart, not a serve crash plus a crash."""
-        if L.tailscaled is None:
-            return True
-        try:
-            await asyncio.wait_for(asyncio.shield(L.tailscaled.proc.wait()), grace)
-            return True
-        except TimeoutError:
-            return False
-
-    async def _serve_ready(self, L: Launch, api: ts.LocalAPI, timeout: float = 15.0) -> bool:
-        """Running means the serve config is really in place, not just spawned."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and L.serve and L.serve.alive:
-            try:
-                if self.cfg.port in await api.serve_ports():
-                    return True
-            except (OSError, ts.LocalAPIError):
-                pass
-            await asyncio.sleep(0.02)
-        return False
+    def _login_failed(self, L: Launch, why: str) -> None:
+        L.login_attempts += 1
+        L.login_error = why
+        delay = self._backoff(L.login_attempts)
+        L.login_retry_at = time.monotonic() + delay
+        self.post(L, Verdict(None, f"{why} (retrying in {delay:g}s)"))
+        L.dirty.set()  # the loop recomputes its wake-up time
 
     async def _probe(self, L: Launch) -> None:
         """Liveness: a stopped or wedged tailscaled keeps its socket but stops
         answering. Unanswered for hang_timeout -> treated as a crash."""
-        api = ts.LocalAPI(self.statedir / ts.SOCKET_FILE)
+        api = ts.LocalAPI(self.socket)
         hang = self.ctx.settings.hang_timeout
         while True:
             await asyncio.sleep(hang / 2)
@@ -509,12 +678,12 @@ class Proxy:
             except TimeoutError:
                 self.post(L, Verdict(Signal.CRASH, f"tailscaled did not answer for {hang:g}s (hung)"))
                 return
-            except (OSError, ts.LocalAPIError):
+            except (OSError, ts.LocalAPIError, asyncio.IncompleteReadError):
                 pass  # not up yet, or exiting: _follow_tailscaled reports exits
 
     async def _logout(self, L: Launch) -> None:
         """Ephemeral nodes leave the tailnet on a clean stop."""
-        argv = ts.logout_command(self.ctx.bins, self.statedir / ts.SOCKET_FILE)
+        argv = ts.logout_command(self.ctx.bins, self.socket)
         child = await procs.spawn("logout", argv, ts.cli_env())
         try:
             await asyncio.wait_for(child.proc.communicate(), 10)

@@ -11,26 +11,36 @@ from enum import Enum
 
 
 class State(Enum):
-    STARTING = "starting"      # children launched, waiting for Running
-    RUNNING = "running"        # tailscaled Running and serve in place
-    RECOVERING = "recovering"  # the one wipe (or re-auth) is under way
-    BACKOFF = "backoff"        # a child crashed; waiting to relaunch
+    STARTING = "starting"      # children launched, not yet serving as configured (deadline)
+    RUNNING = "running"        # serving: Running, right control, prefs and serve config as configured
+    DEGRADED = "degraded"      # tailscaled Running, but something configured cannot be served now
+    RECOVERING = "recovering"  # the one recovery (wipe or re-auth) is under way (deadline)
+    BACKOFF = "backoff"        # a crash; waiting to relaunch (deadline: the delay)
     FAILED = "failed"          # given up; children stopped; reason kept
     STOPPED = "stopped"        # stopped on purpose
 
 
+TRANSITIONAL = (State.STARTING, State.RECOVERING, State.BACKOFF)
+HEALTHY_STATES = (State.RUNNING,)
+
+
 class Signal(Enum):
-    """What just happened to a proxy, already classified (policy.py)."""
+    """What just happened to a proxy, already classified (policy.py, reconcile.py)."""
 
     BOOT = "boot"                    # supervisor start: launch, budget as recorded
     START = "start"                  # operator start/restart or config change: re-arms
     STOP = "stop"
-    RUNNING = "running"              # tailscaled Running, serve config in place
+    RUNNING = "running"              # observed == desired: serving as configured
+    DEGRADED = "degraded"            # tailscaled Running, but observed != desired and not fixed
+    NOT_RUNNING = "not_running"      # tailscaled left Running (e.g. logged out, Stopped)
     AUTH_FAILURE = "auth_failure"    # control rejected the node
     CORRUPT_STATE = "corrupt_state"  # tailscaled.state unreadable (power loss)
     KEY_EXPIRED = "key_expired"      # node exists but its key expired
+    FORCE_RECOVER = "force_recover"  # the operator says the state is stale (`recover NAME`)
+    REREGISTER = "reregister"        # the state belongs to another control: a planned fresh start
     CRASH = "crash"                  # tailscaled exited, hung, or never answered
-    SERVE_CRASH = "serve_crash"      # tailscale serve exited
+    DEADLINE = "deadline"            # starting/recovering took longer than start_timeout
+    OS_ERROR = "os_error"            # our own bookkeeping failed (ENOSPC, EACCES): not a crash
     BACKOFF_OVER = "backoff_over"
     HEALTHY = "healthy"              # running for the healthy period
 
@@ -38,10 +48,11 @@ class Signal(Enum):
 class Action(Enum):
     NOTHING = "nothing"
     LAUNCH = "launch"                    # (stop anything left, then) start children
-    RECOVER = "recover"                  # spend budget, stop, wipe statedir, relaunch
+    RECOVER = "recover"                  # spend budget, stop, repair or wipe statedir, relaunch
     REAUTH = "reauth"                    # spend budget, log in again in place (keeps name and IP)
-    RESTART_SERVE = "restart_serve"
-    SCHEDULE_RESTART = "schedule_restart"  # stop children, relaunch after backoff
+    REREGISTER = "reregister"            # stop, fresh statedir, relaunch; budget untouched
+    SCHEDULE_RESTART = "schedule_restart"  # stop children, relaunch after backoff (counts)
+    RETRY_LATER = "retry_later"          # stop children, relaunch after backoff (does not count)
     STOP = "stop"                        # stop children and stay down
     REARM = "rearm"                      # give the one-recovery budget back
 
@@ -61,7 +72,7 @@ class Decision:
     event: str  # transition name for the event log ("" when nothing changes)
 
 
-_LIVE = (State.STARTING, State.RUNNING, State.RECOVERING)
+_LIVE = (State.STARTING, State.RUNNING, State.DEGRADED, State.RECOVERING)
 
 
 def decide(state: State, facts: Facts) -> Decision:
@@ -74,6 +85,8 @@ def decide(state: State, facts: Facts) -> Decision:
         return Decision(Action.LAUNCH, State.STARTING, "started")
     if s is Signal.BOOT:
         return Decision(Action.LAUNCH, State.STARTING, "booted")
+    if s is Signal.FORCE_RECOVER:  # the operator's call, from any state: one recovery, fresh budget
+        return Decision(Action.RECOVER, State.RECOVERING, "recovering")
     if s is Signal.BACKOFF_OVER:
         return Decision(Action.LAUNCH, State.STARTING, "relaunched") if state is State.BACKOFF else stay
 
@@ -85,8 +98,16 @@ def decide(state: State, facts: Facts) -> Decision:
             return stay
         return Decision(Action.NOTHING, State.RUNNING,
                         "recovered" if state is State.RECOVERING else "running")
+    if s is Signal.DEGRADED:
+        return stay if state is State.DEGRADED else Decision(Action.NOTHING, State.DEGRADED, "degraded")
+    if s is Signal.NOT_RUNNING:
+        if state in (State.RUNNING, State.DEGRADED):
+            return Decision(Action.NOTHING, State.STARTING, "stalled")  # the start deadline applies again
+        return stay
     if s is Signal.HEALTHY:
         return Decision(Action.REARM, state, "healthy") if state is State.RUNNING else stay
+    if s is Signal.REREGISTER:
+        return Decision(Action.REREGISTER, State.STARTING, "reregistering")
 
     if s in (Signal.AUTH_FAILURE, Signal.CORRUPT_STATE, Signal.KEY_EXPIRED):
         if state is State.RECOVERING or not facts.budget_armed:
@@ -96,11 +117,15 @@ def decide(state: State, facts: Facts) -> Decision:
             return Decision(Action.REAUTH, State.RECOVERING, "reauthenticating")
         return Decision(Action.RECOVER, State.RECOVERING, "recovering")
 
-    if s in (Signal.CRASH, Signal.SERVE_CRASH):
+    if s is Signal.OS_ERROR:
+        return Decision(Action.RETRY_LATER, State.BACKOFF, "bookkeeping_error")
+
+    if s in (Signal.CRASH, Signal.DEADLINE):
+        if s is Signal.DEADLINE and state not in (State.STARTING, State.RECOVERING):
+            return stay  # a late timer: only transitional states have this deadline
         if facts.recent_restarts >= facts.start_limit:
             return Decision(Action.STOP, State.FAILED, "start_limit")
-        if s is Signal.SERVE_CRASH and state is State.RUNNING:
-            return Decision(Action.RESTART_SERVE, State.RUNNING, "serve_restarted")
-        return Decision(Action.SCHEDULE_RESTART, State.BACKOFF, "crashed")
+        return Decision(Action.SCHEDULE_RESTART, State.BACKOFF,
+                        "crashed" if s is Signal.CRASH else "timed_out")
 
     raise AssertionError(f"unhandled signal {s}")  # pragma: no cover

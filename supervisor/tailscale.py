@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -37,6 +39,11 @@ SOCKET_FILE = "tailscaled.sock"
 class BackendState(IntEnum):
     """ipn.State as it travels on the IPN bus (an integer)."""
 
+    @property
+    def label(self) -> str:
+        """tailscale's own name for the state ("NeedsLogin")."""
+        return next(k for k, v in _STATE_NAMES.items() if v is self)
+
     NO_STATE = 0
     IN_USE_OTHER_USER = 1
     NEEDS_LOGIN = 2
@@ -58,7 +65,7 @@ class BackendState(IntEnum):
         return None
 
 
-_STATE_NAMES = {
+_STATE_NAMES: dict[str, BackendState] = {
     "NoState": BackendState.NO_STATE,
     "InUseOtherUser": BackendState.IN_USE_OTHER_USER,
     "NeedsLogin": BackendState.NEEDS_LOGIN,
@@ -123,7 +130,8 @@ def quiet_env(control_url: str) -> dict[str, str]:
     }
 
 
-def tailscaled_command(bins: Binaries, statedir: Path, *, quiet_control_url: str | None,
+def tailscaled_command(bins: Binaries, statedir: Path, socket: Path | None = None, *,
+                       quiet_control_url: str | None,
                        parent_death_fd: int | None = None,
                        socks5_server: str | None = None) -> tuple[list[str], dict[str, str]]:
     """argv and environment for one tailscaled owning `statedir`.
@@ -134,7 +142,7 @@ def tailscaled_command(bins: Binaries, statedir: Path, *, quiet_control_url: str
     tailscaled exits when it reads EOF, i.e. when the supervisor dies.
     """
     argv = [str(bins.tailscaled), f"--statedir={statedir}",
-            f"--socket={statedir / SOCKET_FILE}", "--tun=userspace-networking", "--port=0"]
+            f"--socket={socket or statedir / SOCKET_FILE}", "--tun=userspace-networking", "--port=0"]
     env = cli_env()
     env["TS_LOGS_DIR"] = str(statedir)
     env["TS_DEBUG_LOG_RATE"] = "all"  # keep every repeated "Received error" line (facts §6)
@@ -180,6 +188,27 @@ def serve_command(bins: Binaries, socket: Path, *, mode: str, port: int, target:
     return [str(bins.tailscale), f"--socket={socket}", "serve", f"--{mode}={port}", target]
 
 
+def serve_reset_command(bins: Binaries, socket: Path) -> list[str]:
+    """Clear the node's whole serve config (background and foreground)."""
+    return [str(bins.tailscale), f"--socket={socket}", "serve", "reset"]
+
+
+def serve_apply_command(bins: Binaries, socket: Path, service: Service) -> list[str]:
+    """Add one service to the node's serve config, in the background (kept
+    in tailscaled's state; no child stays running). The CLI performs
+    tailscale's own checks (HTTPS, Funnel) and writes the config."""
+    argv = [str(bins.tailscale), f"--socket={socket}", "serve", "--bg", "--yes",
+            f"--{service.mode}={service.port}"]
+    if service.mode in WEB_MODES and service.path not in ("", "/"):
+        argv.append(f"--set-path={service.path}")
+    target = f"tcp://{service.target}" if service.mode in TCP_MODES else service.target
+    return argv + [target]
+
+
+def set_hostname_command(bins: Binaries, socket: Path, hostname: str) -> list[str]:
+    return [str(bins.tailscale), f"--socket={socket}", "set", f"--hostname={hostname}"]
+
+
 def logout_command(bins: Binaries, socket: Path) -> list[str]:
     return [str(bins.tailscale), f"--socket={socket}", "logout"]
 
@@ -193,6 +222,23 @@ class LocalAPIError(Exception):
         super().__init__(f"LocalAPI HTTP {status}: {body.strip()[:200]}")
         self.status = status
         self.body = body
+
+
+# A Notify whose only news is a netmap (or engine stats): every field that
+# comes before NetMap in ipn.Notify is absent or null (1.78.1 writes nulls,
+# 1.96.4 omits them) ...
+_NETMAP_HEAD = re.compile(rb'\{"Version":"[^"]*",(?:"SessionID":"[^"]*",)?(?:"ErrMessage":null,)?'
+                          rb'(?:"LoginFinished":null,)?(?:"State":null,)?(?:"Prefs":null,)?"NetMap":\{')
+# ... and nothing that matters comes after it (those fields follow NetMap).
+_AFTER_NETMAP = re.compile(rb'"(?:BrowseToURL|Health|ErrMessage|State|LoginFinished)":[^n]')
+
+
+def is_netmap_only(line: bytes) -> bool:
+    """True for an IPN bus line that carries a netmap and nothing supervision
+    reads. At 200 proxies each peer change sends every one of them a full
+    netmap; these are dropped without decoding. A false "no" only costs a
+    decode; a false "yes" would lose news, hence the tail check."""
+    return bool(_NETMAP_HEAD.match(line)) and not _AFTER_NETMAP.search(line, max(0, len(line) - 2048))
 
 
 def _map(v: Any) -> Mapping[str, Any]:
@@ -220,6 +266,7 @@ class BusEvent:
     version: str | None = None
 
     malformed: str = ""  # set when the line was not a Notify we can read (and nothing else is)
+    netmap: bool = False  # a netmap-only Notify, not decoded (is_netmap_only)
 
     @classmethod
     def parse(cls, n: Any) -> "BusEvent":
@@ -292,6 +339,119 @@ class NodeStatus:
             version=_str(s.get("Version")),
             peers=tuple(p for p in _map(s.get("Peer")).values() if isinstance(p, Mapping)),
         )
+
+
+WEB_MODES = ("http", "https")
+TCP_MODES = ("tcp", "tls-terminated-tcp")
+
+
+@dataclass(frozen=True, order=True)
+class Service:
+    """One served endpoint: tailnet-side `port` (and `path` for web modes)
+    forwarded to `target`. `mode` is as `tailscale serve` names it."""
+
+    port: int
+    path: str  # "" for TCP modes; "/" or "/api" for web modes
+    mode: str  # http | https | tcp | tls-terminated-tcp
+    target: str
+    funnel: bool = False
+
+    def describe(self) -> str:
+        where = f":{self.port}{self.path if self.path not in ('', '/') else ''}"
+        return f"{self.mode} {where} -> {self.target}" + (" (funnel)" if self.funnel else "")
+
+
+def _obj(v: object) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def serve_services(cfg: object) -> frozenset[Service]:
+    """The services an ipn.ServeConfig (LocalAPI /serve-config JSON) serves.
+
+    Shape (ipn/serve.go): {"TCP": {"80": {"HTTP": true} | {"HTTPS": true} |
+    {"TCPForward": "127.0.0.1:22", "TerminateTLS": "host"}}, "Web": {"host:80":
+    {"Handlers": {"/": {"Proxy": "http://127.0.0.1:8096"}}}}, "AllowFunnel":
+    {"host:443": true}, "Foreground": {session: ServeConfig}}. Malformed parts
+    are skipped; foreground sessions count like background config.
+    """
+    out: set[Service] = set()
+    layers = [_obj(cfg), *(_obj(v) for v in _obj(_obj(cfg).get("Foreground")).values())]
+    for layer in layers:
+        funnel_ports = {hp.rpartition(":")[2] for hp, on in _obj(layer.get("AllowFunnel")).items() if on is True}
+        web: dict[str, dict] = {}
+        for hostport, conf in _obj(layer.get("Web")).items():
+            web.setdefault(str(hostport).rpartition(":")[2], {}).update(_obj(_obj(conf).get("Handlers")))
+        for port_s, handler in _obj(layer.get("TCP")).items():
+            h = _obj(handler)
+            if not str(port_s).isdigit():
+                continue
+            port = int(port_s)
+            if isinstance(h.get("TCPForward"), str) and h["TCPForward"]:
+                mode = "tls-terminated-tcp" if h.get("TerminateTLS") else "tcp"
+                out.add(Service(port, "", mode, h["TCPForward"]))
+            elif h.get("HTTP") is True or h.get("HTTPS") is True:
+                mode = "https" if h.get("HTTPS") is True else "http"
+                for path, hh in web.get(str(port), {}).items():
+                    hh = _obj(hh)
+                    target = (hh.get("Proxy") if isinstance(hh.get("Proxy"), str) else
+                              f"text:{hh['Text']}" if isinstance(hh.get("Text"), str) else
+                              f"path:{hh['Path']}" if isinstance(hh.get("Path"), str) else "?")
+                    out.add(Service(port, str(path), mode, target.rstrip("/") if "://" in target else target,
+                                    str(port) in funnel_ports))
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the LocalAPI says (status?peers=false, prefs, serve-config), at `at` (monotonic s)."""
+
+    backend_state: BackendState | None
+    control_url: str = ""          # prefs.ControlURL, raw
+    want_running: bool = False
+    logged_out: bool = False
+    hostname: str = ""             # prefs.Hostname
+    node_id: str = ""              # Self.ID
+    tailscale_ips: tuple[str, ...] = ()
+    dns_name: str = ""
+    tags: tuple[str, ...] = ()     # Self.Tags (granted by control)
+    key_expiry: str | None = None
+    expired: bool = False          # Self.Expired: the node key has expired
+    auth_url: str = ""             # status AuthURL: control wants an interactive login
+    online: bool = False
+    cert_domains: tuple[str, ...] = ()
+    https_capable: bool = False    # the node has the "https" capability
+    services: frozenset[Service] = frozenset()
+    at: float = 0.0
+
+
+def parse_observed(status: Any, prefs: Any, serve_config: Any, at: float) -> Observed:
+    """An Observed from three LocalAPI answers: /status?peers=false, /prefs and
+    /serve-config (shapes: ipnstate.Status, ipn.Prefs, ipn.ServeConfig).
+    Raises LocalAPIError if `status` is not a status object."""
+    st = NodeStatus.parse(status)
+    s = _map(status)
+    me = _map(s.get("Self"))
+    p = _map(prefs)
+    caps = set(_strs(me.get("Capabilities"))) | {str(k) for k in _map(me.get("CapMap"))}
+    return Observed(
+        backend_state=st.backend_state,
+        control_url=_str(p.get("ControlURL")),
+        want_running=p.get("WantRunning") is True,
+        logged_out=p.get("LoggedOut") is True,
+        hostname=_str(p.get("Hostname")),
+        node_id=st.node_id,
+        tailscale_ips=st.tailscale_ips,
+        dns_name=st.dns_name,
+        tags=_strs(me.get("Tags")),
+        key_expiry=st.key_expiry,
+        expired=st.expired,
+        auth_url=st.auth_url,
+        online=st.online,
+        cert_domains=_strs(s.get("CertDomains")),
+        https_capable="https" in caps,
+        services=serve_services(serve_config),
+        at=at,
+    )
 
 
 def serve_ports(cfg: Any) -> set[int]:
@@ -402,6 +562,14 @@ class LocalAPI:
     async def status_raw(self) -> dict[str, Any]:
         return await self.get_json("/localapi/v0/status")
 
+    async def observe(self) -> Observed:
+        """Status (without peers), prefs and serve config, now. Raises OSError,
+        LocalAPIError or asyncio.IncompleteReadError."""
+        status = await self.get_json("/localapi/v0/status?peers=false")
+        prefs = await self.get_json("/localapi/v0/prefs")
+        serve = await self.get_json("/localapi/v0/serve-config")
+        return parse_observed(status, prefs, serve, time.monotonic())
+
     async def serve_ports(self) -> set[int]:
         """Tailnet ports the current serve config listens on."""
         return serve_ports(await self.get_json("/localapi/v0/serve-config"))
@@ -412,9 +580,13 @@ class LocalAPI:
 
     async def watch_bus(self, mask: int = BUS_MASK) -> AsyncIterator[BusEvent]:
         """Yield each Notify as it happens (a line that is not one yields a
-        BusEvent with `malformed` set). Ends when tailscaled closes the stream."""
+        BusEvent with `malformed` set), except netmap-only ones, which are
+        dropped undecoded. Ends when tailscaled closes the stream."""
         async for line in self.watch_bus_lines(mask):
-            yield BusEvent.parse_line(line)
+            if is_netmap_only(line):
+                yield BusEvent(netmap=True)
+            else:
+                yield BusEvent.parse_line(line)
 
     async def watch_bus_raw(self, mask: int = BUS_MASK) -> AsyncIterator[Any]:
         """The decoded Notify objects (tests and tools); bad lines are skipped."""

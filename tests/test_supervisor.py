@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -243,21 +244,24 @@ def test_crashing_tailscaled_backs_off_then_fails_at_the_start_limit(sup, contro
     assert st["restarts"] == 3 and st["recoveries"] == 0 and st["pid"] is None
 
 
-def _serve_pid(sup: SupervisorProc) -> int:
-    return next(p.pid for p in sup.children() if "serve" in p.cmdline())
-
-
-def test_killed_serve_is_restarted_alone(sup, control, tmp_path):
+def test_serve_config_removed_by_hand_is_put_back_without_touching_tailscaled(sup, control, tmp_path, bins):
+    """Level-triggered: nothing on the bus says the serve config changed; the
+    reconcile timer sees it, names it, and re-applies serve alone."""
+    sup.settings.update(reconcile_period=0.5)
     run_proxy(sup, control, tmp_path, "app", reusable=True)
-    tailscaled = sup.status()["app"]["pid"]
-    serve = _serve_pid(sup)
+    pid = sup.status()["app"]["pid"]
+    sock = sup.data_dir / "proxies" / "app" / "state" / "tailscaled.sock"
     n = len(sup.events())
-    os.kill(serve, signal.SIGKILL)
-    sup.wait_event(lambda e: e["proxy"] == "app" and e["event"] == "serve_restarted", 10,
-                   "serve restart", after=n)
-    wait_for(lambda: _serve_pid(sup) != serve, 10, "a new serve")
-    assert sup.status()["app"]["pid"] == tailscaled
-    assert sup.status()["app"]["state"] == "running"
+    subprocess.run([str(bins.tailscale), f"--socket={sock}", "serve", "reset"], check=True,
+                   capture_output=True, timeout=30)
+    drift = sup.wait_event(lambda e: e["proxy"] == "app" and e["event"] == "drift", 10, "drift", after=n)
+    assert "serve config differs: missing http :80 -> http://127.0.0.1:8080" in drift["reason"]
+    sup.wait_event(lambda e: e["proxy"] == "app" and e["event"] == "serve_applied", 10, "re-apply", after=n)
+    st = sup.status()["app"]
+    assert (st["state"], st["pid"], st["restarts"]) == ("running", pid, 0)
+    out = subprocess.run([str(bins.tailscale), f"--socket={sock}", "serve", "status", "--json"],
+                         capture_output=True, text=True, timeout=30)
+    assert "http://127.0.0.1:8080" in out.stdout
 
 
 def test_hung_tailscaled_is_restarted(sup, control, tmp_path):

@@ -32,9 +32,34 @@ TABLE = [
     (S.RECOVERING, G.CRASH,           False, 0,   A.SCHEDULE_RESTART, S.BACKOFF,    "crashed"),
     (S.BACKOFF,    G.BACKOFF_OVER,    True,  1,   A.LAUNCH,           S.STARTING,   "relaunched"),
     (S.RUNNING,    G.BACKOFF_OVER,    True,  0,   A.NOTHING,          S.RUNNING,    ""),
-    # serve alone restarts
-    (S.RUNNING,    G.SERVE_CRASH,     True,  0,   A.RESTART_SERVE,    S.RUNNING,    "serve_restarted"),
-    (S.RUNNING,    G.SERVE_CRASH,     True,  5,   A.STOP,             S.FAILED,     "start_limit"),
+    # running is a promise: leaving it, and degraded (node up, not as configured)
+    (S.STARTING,   G.DEGRADED,        True,  0,   A.NOTHING,          S.DEGRADED,   "degraded"),
+    (S.RUNNING,    G.DEGRADED,        True,  0,   A.NOTHING,          S.DEGRADED,   "degraded"),
+    (S.DEGRADED,   G.DEGRADED,        True,  0,   A.NOTHING,          S.DEGRADED,   ""),
+    (S.DEGRADED,   G.RUNNING,         True,  0,   A.NOTHING,          S.RUNNING,    "running"),
+    (S.RECOVERING, G.DEGRADED,        False, 0,   A.NOTHING,          S.DEGRADED,   "degraded"),
+    (S.RUNNING,    G.NOT_RUNNING,     True,  0,   A.NOTHING,          S.STARTING,   "stalled"),
+    (S.DEGRADED,   G.NOT_RUNNING,     True,  0,   A.NOTHING,          S.STARTING,   "stalled"),
+    (S.STARTING,   G.NOT_RUNNING,     True,  0,   A.NOTHING,          S.STARTING,   ""),
+    (S.DEGRADED,   G.CRASH,           True,  0,   A.SCHEDULE_RESTART, S.BACKOFF,    "crashed"),
+    (S.DEGRADED,   G.AUTH_FAILURE,    True,  0,   A.RECOVER,          S.RECOVERING, "recovering"),
+    (S.FAILED,     G.DEGRADED,        False, 0,   A.NOTHING,          S.FAILED,     ""),
+    # every transitional state has a deadline; a late one never acts
+    (S.STARTING,   G.DEADLINE,        True,  0,   A.SCHEDULE_RESTART, S.BACKOFF,    "timed_out"),
+    (S.RECOVERING, G.DEADLINE,        False, 0,   A.SCHEDULE_RESTART, S.BACKOFF,    "timed_out"),
+    (S.STARTING,   G.DEADLINE,        True,  5,   A.STOP,             S.FAILED,     "start_limit"),
+    (S.RUNNING,    G.DEADLINE,        True,  0,   A.NOTHING,          S.RUNNING,    ""),
+    (S.DEGRADED,   G.DEADLINE,        True,  0,   A.NOTHING,          S.DEGRADED,   ""),
+    # our own bookkeeping failing (full disk) backs off without counting
+    (S.STARTING,   G.OS_ERROR,        True,  5,   A.RETRY_LATER,      S.BACKOFF,    "bookkeeping_error"),
+    (S.RUNNING,    G.OS_ERROR,        True,  0,   A.RETRY_LATER,      S.BACKOFF,    "bookkeeping_error"),
+    # the state belongs to another control: a planned fresh start, budget untouched
+    (S.RUNNING,    G.REREGISTER,      False, 0,   A.REREGISTER,       S.STARTING,   "reregistering"),
+    (S.STARTING,   G.REREGISTER,      True,  0,   A.REREGISTER,       S.STARTING,   "reregistering"),
+    # the operator's recovery works from any state, failed included
+    (S.FAILED,     G.FORCE_RECOVER,   False, 0,   A.RECOVER,          S.RECOVERING, "recovering"),
+    (S.RUNNING,    G.FORCE_RECOVER,   True,  0,   A.RECOVER,          S.RECOVERING, "recovering"),
+    (S.BACKOFF,    G.FORCE_RECOVER,   True,  2,   A.RECOVER,          S.RECOVERING, "recovering"),
     # healthy period re-arms
     (S.RUNNING,    G.HEALTHY,         False, 0,   A.REARM,            S.RUNNING,    "healthy"),
     (S.STARTING,   G.HEALTHY,         False, 0,   A.NOTHING,          S.STARTING,   ""),

@@ -1,0 +1,225 @@
+"""Status never lies: `running` means serving, and no transitional state
+waits forever. Each test is an input that used to leave a proxy `starting`
+forever, `running` while nothing was served, or in a loop."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import wait_for
+from tests.supervisor_harness import SupervisorProc
+from tests.test_supervisor import key_file, proxy_on, run_proxy
+
+pytestmark = pytest.mark.real
+
+
+def use_bins(sup: SupervisorProc, bins) -> None:
+    sup.settings.update(tailscale=str(bins.tailscale), tailscaled=str(bins.tailscaled))
+
+
+def proxy_events(sup: SupervisorProc, after: int, name: str) -> list[dict]:
+    return [e for e in sup.events()[after:] if e["proxy"] == name]
+
+
+# -- every transitional state has a deadline -----------------------------------------
+
+
+def test_a_full_disk_during_restart_backs_off_with_the_reason_and_heals(sup, control, tmp_path):
+    """The file system under the proxy's bookkeeping fills up; `restart NAME`
+    then spawns tailscaled but cannot record it. Nothing may run untracked,
+    the reason is shown, and the proxy runs again once space is freed,
+    without spending its start limit. (A small full tmpfs over the proxy's
+    pids dir: deterministic, where a whole full disk frees a page at each stop.)"""
+    sup.settings.update(start_limit=2, start_window=600, backoff_max=1.0)
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    pids = sup.data_dir / "proxies" / "app" / "pids"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(pids)], check=True)
+    try:
+        filler = pids / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k", "count=64"], capture_output=True)
+        n = len(sup.events())
+        assert sup.cli("restart", "app", "--data-dir", str(sup.data_dir)).returncode == 0
+        ev = sup.wait_state("app", "backoff", 30, after=n)
+        assert ev["event"] == "bookkeeping_error" and "No space left on device" in ev["reason"]
+        st = sup.status()["app"]
+        assert st["pid"] is None and "No space left on device" in st["last_error"]
+        tailscaleds = [p for p in sup.children() if p.name() == "tailscaled"]
+        assert tailscaleds == []  # the child that could not be recorded was killed and reaped
+        filler.unlink()
+        sup.wait_state("app", "running", 60, after=n)
+        st = sup.status()["app"]
+        assert st["restarts"] == 0  # bookkeeping errors never count toward the start limit
+        assert [p.pid for p in sup.children() if p.name() == "tailscaled"] == [st["pid"]]
+    finally:
+        sup.stop()
+        subprocess.run(["umount", "-l", str(pids)], check=False)
+
+
+def test_a_register_outage_during_login_is_retried_until_the_control_answers(sup, control, tmp_path):
+    """HTTP 500 from /machine/register is neither a rejection nor a crash: the
+    login is retried with backoff, and the proxy runs once the control answers."""
+    sup.settings.update(start_timeout=30)
+    control.admin("set_fault", register_status=500)
+    path, _ = key_file(tmp_path, control, "app", reusable=True)
+    proxy_on(sup, control, "app", path)
+    sup.start()
+    n = 0
+    wait_for(lambda: any("http 500" in e["reason"] or "internal server error" in e["reason"]
+                         for e in proxy_events(sup, n, "app")), 30, "the outage noted")
+    assert sup.status()["app"]["state"] == "starting"
+    control.admin("set_fault", register_status=None)
+    sup.wait_state("app", "running", 40)
+    assert sup.status()["app"]["recoveries"] == 0
+    assert not [e for e in proxy_events(sup, 0, "app") if e["event"] == "wiped"]
+
+
+def test_a_register_outage_that_never_ends_fails_at_the_start_limit_with_the_reason(sup, control, tmp_path):
+    sup.settings.update(start_timeout=3, start_limit=2, start_window=600)
+    control.admin("set_fault", register_status=503)
+    path, _ = key_file(tmp_path, control, "app", reusable=True)
+    proxy_on(sup, control, "app", path)
+    sup.start()
+    timed_out = sup.wait_event(lambda e: e["proxy"] == "app" and e["event"] == "timed_out", 20,
+                               "the start deadline")
+    assert "not serving after 3s" in timed_out["reason"] and "NeedsLogin" in timed_out["reason"]
+    failed = sup.wait_state("app", "failed", 60)
+    assert failed["event"] == "start_limit" and "not serving after 3s" in failed["reason"]
+    assert sup.status()["app"]["recoveries"] == 0  # an outage never touches state
+
+
+# -- state that cannot be read is one kind ---------------------------------------------------
+
+
+def _corrupt_profile_prefs(state: Path) -> None:
+    """Replace the current profile's prefs with base64 of `{not json`."""
+    data = json.loads(state.read_text())
+    current = base64.b64decode(data["_current-profile"]).decode()
+    data[current] = base64.b64encode(b"{not json").decode()
+    state.write_text(json.dumps(data))
+
+
+def test_unparseable_profile_prefs_get_one_recovery_then_run(sup, control, tmp_path, any_bins):
+    use_bins(sup, any_bins)
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    assert sup.stop() == 0
+    _corrupt_profile_prefs(sup.data_dir / "proxies" / "app" / "state" / "tailscaled.state")
+    n = len(sup.events())
+    sup.start()
+    rec = sup.wait_state("app", "recovering", 30, after=n)
+    assert "prefs" in rec["reason"] or "state file" in rec["reason"]
+    sup.wait_state("app", "running", 30, after=n)
+    st = sup.status()["app"]
+    assert st["recoveries"] == 1 and st["restarts"] == 0
+
+
+def test_a_zero_byte_state_file_is_corrupt_state_on_both_releases(sup, control, tmp_path, any_bins):
+    """1.78.1 would treat it as missing and silently register a new node; the
+    supervisor checks before each launch, so both releases get the recovery."""
+    use_bins(sup, any_bins)
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    assert sup.stop() == 0
+    (sup.data_dir / "proxies" / "app" / "state" / "tailscaled.state").write_bytes(b"")
+    n = len(sup.events())
+    sup.start()
+    rec = sup.wait_state("app", "recovering", 30, after=n)
+    assert "state file is empty" in rec["reason"]
+    sup.wait_state("app", "running", 30, after=n)
+    assert sup.status()["app"]["recoveries"] == 1
+
+
+def test_a_state_file_that_is_not_state_is_corrupt(sup, control, tmp_path):
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    assert sup.stop() == 0
+    (sup.data_dir / "proxies" / "app" / "state" / "tailscaled.state").write_text('{"x": 1}')
+    n = len(sup.events())
+    sup.start()
+    rec = sup.wait_state("app", "recovering", 30, after=n)
+    assert "no machine key" in rec["reason"]
+    sup.wait_state("app", "running", 30, after=n)
+
+
+def test_a_healthy_state_whose_key_was_revoked_while_stopped_comes_back_without_a_key(sup, control, tmp_path):
+    """Regression: the key is only for logins; a node that works is never sent one."""
+    key = run_proxy(sup, control, tmp_path, "app", reusable=True)
+    node = control.node_named("app")
+    assert sup.stop() == 0
+    control.admin("revoke_key", id=key["id"])
+    t0 = time.monotonic()
+    n = len(sup.events())
+    sup.start()
+    sup.wait_state("app", "running", 30, after=n)
+    assert control.node_named("app")["id"] == node["id"]
+    regs = [e for e in control.events(t0) if e["kind"].startswith("register")]
+    assert regs and all(e["kind"] == "register_ok" and "key" not in e for e in regs)  # no auth key sent
+    assert not [e for e in proxy_events(sup, n, "app") if e["event"] in ("wiped", "recovering")]
+
+
+# -- reasons are whole ----------------------------------------------------------------------
+
+FAKE_TAILSCALED = """#!/bin/sh
+# fake-tailscaled-fatal: a stand-in that fails the way an unknown fault would
+echo "fatal: something unexpected happened" >&2
+exit 1
+"""
+
+
+def test_an_unknown_fatal_line_is_the_whole_reason(sup, control, tmp_path, bins):
+    fake = tmp_path / "fake-tailscaled-fatal"
+    fake.write_text(FAKE_TAILSCALED)
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    sup.settings.update(tailscale=str(bins.tailscale), tailscaled=str(fake), start_limit=1)
+    path, _ = key_file(tmp_path, control, "app", reusable=True)
+    proxy_on(sup, control, "app", path)
+    sup.start()
+    ev = sup.wait_event(lambda e: e["proxy"] == "app" and e["event"] == "crashed", 20, "the crash")
+    assert ev["reason"] == "tailscaled exited with status 1: fatal: something unexpected happened"
+
+
+# -- degraded: the node is up, but something configured cannot be served -------------------
+
+
+def test_https_without_certificates_is_degraded_and_tailscaled_is_never_restarted(sup, control, tmp_path):
+    sup.settings.update(reconcile_period=0.5)
+    path, _ = key_file(tmp_path, control, "app", reusable=True)
+    sup.write_proxy("app", hostname="app", target="http://127.0.0.1:8080", serve="https", port=443,
+                    login_server=control.url, auth_key_file=str(path))
+    sup.start()
+    ev = sup.wait_state("app", "degraded", 30)
+    assert "HTTPS certificates are not enabled on this tailnet" in ev["reason"]
+    pid = sup.status()["app"]["pid"]
+    n = len(sup.events())
+    time.sleep(3)  # observation window: six reconcile periods
+    st = sup.status()["app"]
+    assert (st["state"], st["pid"], st["restarts"]) == ("degraded", pid, 0)
+    assert "HTTPS certificates are not enabled" in st["reason"]
+    assert not [e for e in proxy_events(sup, n, "app") if e["state"]]  # no transition at all
+
+
+# -- paths that cannot overflow ---------------------------------------------------------
+
+
+def test_a_long_data_dir_and_a_long_name_still_run(control, tmp_path):
+    """A NAS data dir of 89 characters and a proxy name of 40: the LocalAPI
+    socket would be 161 bytes, over the 107 a unix socket address holds."""
+    base = tmp_path / "d"
+    data = base / ("x" * (89 - len(str(base)) - 1))
+    assert len(str(data)) == 89
+    base.mkdir()
+    name = "n" * 40
+    sup = SupervisorProc(tmp_path / "conf.d", data)
+    try:
+        path, _ = key_file(tmp_path, control, "k", reusable=True)
+        proxy_on(sup, control, name, path)
+        sup.start()
+        sup.wait_state(name, "running", 30)
+        assert psutil.Process(sup.status()[name]["pid"]).is_running()
+    finally:
+        sup.stop()
