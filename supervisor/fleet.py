@@ -104,8 +104,13 @@ class Fleet:
         if self.control is not None or not any(c.embedded for c in configs):
             return
         from supervisor.control.server import ControlServer  # only when a proxy needs it
-        self.control = ControlServer(self.data_dir / "control", port=self.settings.embedded_port)
-        await self.control.start()
+        control = ControlServer(self.data_dir / "control", port=self.settings.embedded_port)
+        try:
+            await control.start()
+        except BaseException:
+            await control.stop()
+            raise
+        self.control = control  # only a control that started: proxies dial its URL
         self._note("-", "control_started", f"embedded control at {self.control.url}")
 
     # -- events ------------------------------------------------------------------------
@@ -135,9 +140,7 @@ class Fleet:
         p = self.proxies.get(name)
         if p is None:
             return {"ok": False, "error": f"no proxy named {name!r}"}
-        if cmd == "recover":
-            if p.state.value not in ("starting", "running", "recovering"):
-                return {"ok": False, "error": f"{name} is {p.state.value}; start it instead"}
+        if cmd == "recover":  # from any state: a failed proxy is exactly where an operator needs it
             p.force_recovery()
             return {"ok": True, "message": f"{name}: stale-state recovery requested"}
         if cmd == "start" and p.state.value not in ("stopped", "failed", "backoff"):

@@ -223,3 +223,19 @@ def test_a_long_data_dir_and_a_long_name_still_run(control, tmp_path):
         assert psutil.Process(sup.status()[name]["pid"]).is_running()
     finally:
         sup.stop()
+
+
+def test_recover_works_on_a_failed_proxy(sup, control, tmp_path):
+    """A one-off key spent, the node deleted: the one recovery fails. The
+    operator puts a good key in place and says `recover NAME`."""
+    run_proxy(sup, control, tmp_path, "app", reusable=False)
+    control.admin("delete_node", id=control.node_named("app")["id"])
+    sup.wait_state("app", "failed", 60)
+    key = control.create_key(reusable=True)
+    (tmp_path / "app.secret").write_text(key["secret"] + "\n")
+    n = len(sup.events())
+    out = sup.cli("recover", "app", "--data-dir", str(sup.data_dir))
+    assert out.returncode == 0, out.stderr
+    sup.wait_state("app", "recovering", 10, after=n)
+    sup.wait_state("app", "running", 30, after=n)
+    assert sup.status()["app"]["recoveries"] == 2
