@@ -47,7 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
     except cfgmod.SettingsError as e:
-        _err(str(e))
+        for line in e.lines:
+            _err(line)
         return EXIT_USAGE
     if not args.config_dir.is_dir():
         _err(f"config dir {args.config_dir} does not exist")
@@ -119,18 +120,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Print one line per problem in the proxy files and the settings file
+    (FILE: KEY: REASON) on stdout, a summary on stderr; exit 1 on any problem."""
     configs, errors = cfgmod.load_dir(args.config_dir)
-    for e in errors:
-        print(str(e))
+    problems = [str(e) for e in errors]
     try:
         _settings(args)
     except cfgmod.SettingsError as e:
-        print(str(e))
-        errors.append(e)
+        problems += e.lines
+    for line in problems:
+        print(line)
     names = ", ".join(c.name for c in configs) or "none"
-    print(f"{len(configs)} proxy file(s) valid ({names}); {len(errors)} error(s)",
+    print(f"{len(configs)} proxy file(s) valid ({names}); {len(problems)} error(s)",
           file=sys.stderr)
-    return EXIT_ERROR if errors else EXIT_OK
+    return EXIT_ERROR if problems else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,14 +1,17 @@
 """Proxy files (conf.d/NAME.toml) and the optional global settings file.
 
 Every problem becomes a ConfigError naming the file, the key and the reason,
-and one bad file never stops the good ones from loading.
+and one bad file never stops the good ones from loading. Nothing a file holds
+(any bytes, any TOML value) makes these functions raise anything else.
 """
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,6 +23,93 @@ SERVE_MODES = ("http", "https", "tcp")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _HOST_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _TAG_RE = re.compile(r"^tag:[a-z0-9][a-z0-9-]*$", re.I)
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+FILE_LIMIT = 64 * 1024  # bytes; a proxy or settings file is a few lines
+KEY_LIMIT = 4096        # bytes; an auth key is about 100
+
+
+def one_line(text: str) -> str:
+    """`text` with every newline or other non-printable character escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """A value for an error line: its repr, cut to about `limit` characters.
+    Never raises (an int too long for str() or a too-deep list is named instead)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"<a {type(value).__name__} too large to show>"
+    return one_line(text if len(text) <= limit else text[:limit] + "...")
+
+
+def show_key(key: str) -> str:
+    """A TOML key for an error line: as is if it is a plain word, else shown quoted."""
+    return key if _BARE_KEY_RE.match(key) else show(key)
+
+
+def url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    """Why `url` is not a SCHEME://HOST[:PORT]... URL with a scheme from `schemes`
+    and a valid port, or None if it is one."""
+    if not url.isprintable() or any(c.isspace() for c in url):
+        return f"{show(url)} must not contain spaces or control characters"
+    try:  # urlsplit and .port raise ValueError on e.g. "http://[::1:80", "http://h:99999"
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        host = None
+    if host is None or parts.scheme not in schemes:
+        return f"{show(url)} must look like {' or '.join(f'{s}://HOST:PORT' for s in schemes)}"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    return f"{show(url)} needs a valid port (1-65535)" if port == 0 else None
+
+
+class Unreadable(Exception):
+    """A file that cannot be read as text; str() is the one-line reason."""
+
+
+def read_text(path: Path, limit: int = FILE_LIMIT) -> str:
+    """The UTF-8 text of the regular file at `path`, at most `limit` bytes.
+    Raises Unreadable (never blocks on a FIFO, never reads a device or a huge file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Unreadable("cannot read: no such file") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise Unreadable(f"cannot read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Unreadable("cannot read: not a regular file")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise Unreadable(f"cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise Unreadable(f"larger than {limit} bytes; this is not the file you meant")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Unreadable(f"not UTF-8 text (byte {e.start})") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read and parse one TOML file (at most FILE_LIMIT bytes). Raises Unreadable
+    with a one-line reason for anything else: unreadable, not UTF-8, not TOML."""
+    text = read_text(path)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise Unreadable(f"malformed TOML: {e}") from None
+    except RecursionError:
+        raise Unreadable("malformed TOML: arrays or tables nested too deeply") from None
+    except Exception as e:  # tomllib on hostile text: e.g. ValueError for a 5000-digit integer
+        raise Unreadable(f"malformed TOML: {type(e).__name__}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -30,7 +120,7 @@ class ConfigError:
 
     def __str__(self) -> str:
         where = f"{self.path}: {self.key}" if self.key else str(self.path)
-        return f"{where}: {self.reason}"
+        return one_line(f"{where}: {self.reason}")
 
 
 @dataclass(frozen=True)
@@ -61,8 +151,8 @@ class ProxyConfig:
             return True
         if not self.login_server:
             return False
-        host = urlsplit(self.login_server).hostname or ""
         try:
+            host = urlsplit(self.login_server).hostname or ""
             return host == "localhost" or ipaddress.ip_address(host).is_loopback
         except ValueError:
             return False
@@ -79,7 +169,10 @@ class ProxyConfig:
     def read_auth_key(self) -> str:
         """The secret itself; callers must never log it."""
         if self.auth_key_file is not None:
-            return self.auth_key_file.read_text().strip()
+            try:
+                return read_text(self.auth_key_file, KEY_LIMIT).strip()
+            except Unreadable as e:
+                raise LookupError(f"{self.auth_key_file}: {e}") from None
         if self.auth_key_env is not None:
             return os.environ.get(self.auth_key_env, "").strip()
         raise LookupError(f"{self.path}: no auth key configured")
@@ -105,7 +198,7 @@ def _typed(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], errs: _
         return None
     # bool is an int in Python; a port of `true` is still a mistake
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        errs.add(key, f"must be {what}, got {type(value).__name__} {value!r}")
+        errs.add(key, f"must be {what}, got {type(value).__name__} {show(value)}")
         return None
     return value
 
@@ -117,13 +210,13 @@ def parse_proxy(path: Path, raw: dict[str, Any]) -> tuple[ProxyConfig | None, li
     if not _NAME_RE.match(name):
         errs.add(None, "file name must be letters, digits, '-' or '_' (it names the proxy)")
     for key in sorted(set(raw) - _PROXY_KEYS):
-        errs.add(key, f"unknown key (known: {', '.join(sorted(_PROXY_KEYS))})")
+        errs.add(show_key(key), f"unknown key (known: {', '.join(sorted(_PROXY_KEYS))})")
 
     hostname = _typed(raw, "hostname", str, errs, "a string")
     if hostname is None and "hostname" not in raw:
         hostname = name.lower().replace("_", "-")
     if hostname is not None and not _HOST_RE.match(hostname):
-        errs.add("hostname", f"{hostname!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
+        errs.add("hostname", f"{show(hostname)} is not a DNS label (a-z, 0-9, '-', at most 63)")
 
     target = _typed(raw, "target", str, errs, "a URL string")
     target_scheme = None
@@ -131,23 +224,22 @@ def parse_proxy(path: Path, raw: dict[str, Any]) -> tuple[ProxyConfig | None, li
     if "target" not in raw:
         errs.add("target", "missing (e.g. target = \"http://127.0.0.1:8096\")")
     elif target is not None:
-        parts = urlsplit(target)
-        try:
+        problem = url_problem(target, ("http", "https", "tcp"))
+        if problem is None:
+            parts = urlsplit(target)
             target_port = parts.port
-        except ValueError:
-            target_port = -1
-        if parts.scheme not in ("http", "https", "tcp") or not parts.hostname:
-            errs.add("target", f"{target!r} must look like http://HOST:PORT, https://HOST:PORT or tcp://HOST:PORT")
-        elif target_port == -1 or (parts.scheme == "tcp" and not target_port):
-            errs.add("target", f"{target!r} needs a valid port")
-        else:
-            target_scheme = parts.scheme
+            if parts.scheme == "tcp" and not target_port:
+                problem = f"{show(target)} needs a valid port (1-65535)"
+            else:
+                target_scheme = parts.scheme
+        if problem:
+            errs.add("target", problem)
 
     serve = _typed(raw, "serve", str, errs, "a string")
     if serve is None and "serve" not in raw and target_scheme:
         serve = "tcp" if target_scheme == "tcp" else "http"
     if serve is not None and serve not in SERVE_MODES:
-        errs.add("serve", f"{serve!r} must be one of {', '.join(SERVE_MODES)}")
+        errs.add("serve", f"{show(serve)} must be one of {', '.join(SERVE_MODES)}")
         serve = None
     if serve and target_scheme:
         if (serve == "tcp") != (target_scheme == "tcp"):
@@ -155,17 +247,17 @@ def parse_proxy(path: Path, raw: dict[str, Any]) -> tuple[ProxyConfig | None, li
 
     port = _typed(raw, "port", int, errs, "an integer")
     if port is None and "port" not in raw and serve:
-        port = {"http": 80, "https": 443}.get(serve, target_port if target_port and target_port > 0 else None)
+        port = {"http": 80, "https": 443}.get(serve, target_port or None)
     if port is not None and not 1 <= port <= 65535:
-        errs.add("port", f"{port} is not a port (1-65535)")
+        errs.add("port", f"{show(port)} is not a port (1-65535)")
     if port is None and "port" not in raw and serve == "tcp":
         errs.add("port", "missing (the tailnet-side port)")
 
     login_server = _typed(raw, "login_server", str, errs, "a URL string or \"embedded\"")
     if login_server is not None and login_server != EMBEDDED:
-        parts = urlsplit(login_server)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            errs.add("login_server", f"{login_server!r} must be \"embedded\" or an http(s):// URL")
+        if url_problem(login_server, ("http", "https")):
+            errs.add("login_server", f"{show(login_server)} must be \"embedded\" or an "
+                                     "http(s)://HOST[:PORT] URL")
     if serve == "https" and login_server == EMBEDDED:
         errs.add("serve", "\"https\" needs a tailnet that issues certificates; the embedded "
                           "control does not (use serve = \"http\")")
@@ -179,16 +271,17 @@ def parse_proxy(path: Path, raw: dict[str, Any]) -> tuple[ProxyConfig | None, li
         errs.add("auth_key_file" if key_file else "auth_key_env",
                  "not used with login_server = \"embedded\": the supervisor makes its own keys")
     elif key_file is not None:
-        key_path = Path(key_file).expanduser()
-        if not key_path.is_absolute():
-            key_path = (path.parent / key_path).resolve()
+        key_path = _key_path(path, key_file, errs)
         try:
-            if not key_path.read_text().strip():
+            if key_path is not None and not read_text(key_path, KEY_LIMIT).strip():
                 errs.add("auth_key_file", f"{key_path} is empty")
-        except OSError as e:
-            errs.add("auth_key_file", f"cannot read {key_path}: {e.strerror or e}")
+        except Unreadable as e:
+            errs.add("auth_key_file", f"{key_path}: {e}")
     elif key_env is not None:
-        if not os.environ.get(key_env, "").strip():
+        if not _ENV_RE.match(key_env):
+            errs.add("auth_key_env", f"{show(key_env)} is not an environment variable name "
+                                     "(letters, digits, '_')")
+        elif not os.environ.get(key_env, "").strip():
             errs.add("auth_key_env", f"environment variable {key_env} is not set or empty")
     elif login_server != EMBEDDED and "login_server" not in errs_keys(errs):
         errs.add("auth_key_file", "missing: a proxy on a real tailnet needs auth_key_file or "
@@ -200,7 +293,7 @@ def parse_proxy(path: Path, raw: dict[str, Any]) -> tuple[ProxyConfig | None, li
     if tags_raw is not None:
         bad = [t for t in tags_raw if not isinstance(t, str) or not _TAG_RE.match(t)]
         if bad:
-            errs.add("tags", f"{bad!r}: each tag must look like \"tag:name\"")
+            errs.add("tags", f"{show(bad)}: each tag must look like \"tag:name\"")
         else:
             tags = tuple(tags_raw)
 
@@ -216,13 +309,37 @@ def errs_keys(errs: _Errors) -> set[str | None]:
     return {e.key for e in errs.items}
 
 
-def load_proxy_file(path: Path) -> tuple[ProxyConfig | None, list[ConfigError]]:
+def _expand(text: str) -> Path | None:
+    """`text` as a path with ~ expanded, or None if it cannot be one
+    (empty, a NUL, "~nosuchuser/...")."""
+    if not text or "\0" in text:
+        return None
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        return None, [ConfigError(path, None, f"malformed TOML: {e}")]
-    except (OSError, UnicodeDecodeError) as e:
-        return None, [ConfigError(path, None, f"cannot read: {getattr(e, 'strerror', None) or e}")]
+        return Path(text).expanduser()
+    except RuntimeError:  # no such user, or no home
+        return None
+
+
+def _key_path(path: Path, key_file: str, errs: _Errors) -> Path | None:
+    """auth_key_file as an absolute path (relative to the proxy file's directory)."""
+    key_path = _expand(key_file)
+    try:
+        if key_path is not None and not key_path.is_absolute():
+            key_path = (path.parent / key_path).resolve()
+    except (RuntimeError, OSError, ValueError):  # a symlink loop; a lone surrogate from argv
+        key_path = None
+    if key_path is None:
+        errs.add("auth_key_file", f"{show(key_file)} is not a usable path")
+    return key_path
+
+
+def load_proxy_file(path: Path) -> tuple[ProxyConfig | None, list[ConfigError]]:
+    """Read and validate one proxy file: (config, []) or (None, errors); never raises.
+    A file that cannot be read or parsed is one error without a key."""
+    try:
+        raw = read_toml(path)
+    except Unreadable as e:
+        return None, [ConfigError(path, None, str(e))]
     return parse_proxy(path, raw)
 
 
@@ -241,7 +358,10 @@ def load_dir(config_dir: Path, incumbents: dict[str, str] | None = None
     loaded: list[ProxyConfig] = []
     errors: list[ConfigError] = []
     for p in paths:
-        cfg, errs = load_proxy_file(p)
+        try:
+            cfg, errs = load_proxy_file(p)
+        except Exception as e:  # a bug here must cost this file, never the running fleet
+            cfg, errs = None, [ConfigError(p, None, f"internal error while checking this file: {e!r}")]
         errors.extend(errs)
         if cfg:
             loaded.append(cfg)
@@ -258,7 +378,7 @@ def load_dir(config_dir: Path, incumbents: dict[str, str] | None = None
         holder = first.path.name if first is not None else (
             f"{reserved[cfg.hostname]}.toml (running)" if cfg.hostname in reserved else None)
         if holder is not None:
-            errors.append(ConfigError(cfg.path, "hostname", f"{cfg.hostname!r} is already used "
+            errors.append(ConfigError(cfg.path, "hostname", f"{show(cfg.hostname)} is already used "
                                       f"by {holder}; this proxy is not started"))
             continue
         taken[cfg.hostname] = cfg
@@ -301,22 +421,31 @@ _SETTINGS_TYPES: dict[str, tuple[type, ...]] = {
 
 
 class SettingsError(Exception):
-    pass
+    """Everything wrong with the settings file: `lines`, one problem each, each
+    starting with the file's path; str() joins them with newlines."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = [one_line(line) for line in lines]
+        super().__init__("\n".join(self.lines))
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def load_settings(path: Path | None) -> Settings:
     """Read ts-supervisor.toml. A missing default file means defaults; a
-    missing file named explicitly, or any bad key, is an error."""
+    missing file named explicitly, or any bad key, is an error.
+    Raises SettingsError (one line per problem), never anything else."""
     if path is None:
         return Settings()
     try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SettingsError(f"{path}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise SettingsError(f"{path}: malformed TOML: {e}") from None
-    except OSError as e:
-        raise SettingsError(f"{path}: cannot read: {e.strerror or e}") from None
+        raw = read_toml(path)
+    except Unreadable as e:
+        raise SettingsError([f"{path}: {e}"]) from None
     problems = []
     values: dict[str, Any] = {}
     if "webhook" in raw:
@@ -326,7 +455,8 @@ def load_settings(path: Path | None) -> Settings:
     if isinstance(raw.get("metrics"), str):
         host, _, port = raw["metrics"].rpartition(":")
         try:
-            ok = ipaddress.ip_address(host.strip("[]")).is_loopback and 0 <= int(port) < 65536
+            ok = (ipaddress.ip_address(host.strip("[]")).is_loopback and "%" not in host
+                  and port.isascii() and port.isdigit() and int(port) < 65536)
         except ValueError:
             ok = False
         if not ok:
@@ -335,13 +465,24 @@ def load_settings(path: Path | None) -> Settings:
         kinds = _SETTINGS_TYPES.get(key)
         if kinds is None:
             known = ", ".join(sorted([*_SETTINGS_TYPES, "webhook"]))
-            problems.append(f"{path}: {key}: unknown setting (known: {known})")
+            problems.append(f"{path}: {show_key(key)}: unknown setting (known: {known})")
         elif not isinstance(value, kinds) or isinstance(value, bool):
-            problems.append(f"{path}: {key}: must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
-        elif isinstance(value, (int, float)) and value < 0:
+            problems.append(f"{path}: {key}: must be {' or '.join(k.__name__ for k in kinds)}, "
+                            f"got {show(value)}")
+        elif key in ("tailscale", "tailscaled"):
+            values[key] = _expand(value)
+            if values[key] is None:
+                problems.append(f"{path}: {key}: {show(value)} is not a usable path")
+        elif isinstance(value, str):  # metrics, checked above
+            values[key] = value
+        elif value < 0:
             problems.append(f"{path}: {key}: must not be negative")
+        elif not _finite(value):
+            problems.append(f"{path}: {key}: must be a finite number, got {show(value)}")
+        elif key == "embedded_port" and value > 65535:
+            problems.append(f"{path}: {key}: {value} is not a port (0-65535)")
         else:
-            values[key] = Path(value).expanduser() if key in ("tailscale", "tailscaled") else value
+            values[key] = value
     if problems:
-        raise SettingsError("\n".join(problems))
+        raise SettingsError(problems)
     return Settings(**values)

@@ -190,7 +190,9 @@ class Notifier:
 
 
 def parse_webhooks(raw: Any, where: str) -> tuple[tuple[Webhook, ...], list[str]]:
-    """`[[webhook]]` tables from ts-supervisor.toml: (webhooks, problems)."""
+    """`[[webhook]]` tables from ts-supervisor.toml: (webhooks, problems), each
+    problem one line starting with `where`. Any TOML value is a problem, never an exception."""
+    from supervisor.config import show_key, url_problem  # config imports this module lazily
     if not isinstance(raw, list):
         return (), [f"{where}: webhook: must be [[webhook]] tables"]
     hooks, problems = [], []
@@ -201,13 +203,17 @@ def parse_webhooks(raw: Any, where: str) -> tuple[tuple[Webhook, ...], list[str]
             continue
         unknown = set(t) - {"url", "format", "events"}
         if unknown:
-            problems.append(f"{where}: webhook #{i}: unknown key {sorted(unknown)[0]} (known: events, format, url)")
+            problems.append(f"{where}: webhook #{i}: unknown key {show_key(sorted(unknown)[0])} "
+                            "(known: events, format, url)")
         url, fmt, events = t.get("url"), t.get("format", "json"), t.get("events", list(DEFAULT_EVENTS))
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            problems.append(f"{where}: webhook #{i}: url: must be an http(s) URL")
-        if fmt not in FORMATS:
+        # the URL is a secret: say what is wrong with it, never what it is
+        if not isinstance(url, str) or url_problem(url, ("http", "https")):
+            problems.append(f"{where}: webhook #{i}: url: must be an http(s)://HOST[:PORT] URL "
+                            "without spaces")
+        if not isinstance(fmt, str) or fmt not in FORMATS:
             problems.append(f"{where}: webhook #{i}: format: must be one of {', '.join(FORMATS)}")
-        if not isinstance(events, list) or not set(events) <= set(DEFAULT_EVENTS):
+        if not isinstance(events, list) or not all(isinstance(e, str) and e in DEFAULT_EVENTS
+                                                   for e in events):
             problems.append(f"{where}: webhook #{i}: events: a list from {', '.join(DEFAULT_EVENTS)}")
         if len(problems) == before:
             hooks.append(Webhook(url, fmt, tuple(events)))

@@ -173,17 +173,25 @@ def _reload_if_running(data_dir: Path) -> None:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    """Validate a proxy made from the flags, write conf.d/NAME.toml atomically,
+    and ask a running supervisor to reload. Any bad flag, a taken file or
+    hostname, or an unwritable config dir: one line each on stderr, exit 1."""
     path = args.config_dir / f"{args.name}.toml"
-    if path.exists():
-        _err(f"{path} already exists (remove it first, or edit it)")
+    try:
+        if path.exists():
+            _err(f"{path} already exists (remove it first, or edit it)")
+            return EXIT_ERROR
+    except OSError as e:  # a config dir we may not look into
+        _err(f"{path}: {e.strerror or e}")
         return EXIT_ERROR
-    scheme = args.target.split("://", 1)[0]
+    scheme = args.target.split("://", 1)[0].lower()
     raw: dict[str, Any] = {"hostname": args.hostname or args.name, "target": args.target,
                            "serve": args.serve or ("tcp" if scheme == "tcp" else "http")}
     raw["port"] = args.port if args.port is not None else (80 if raw["serve"] == "http" else
                                                             443 if raw["serve"] == "https" else 0)
     if raw["serve"] == "tcp" and args.port is None:
-        _err(f"{path}: key port: a tcp proxy needs --port (the tailnet-side port)")
+        print(cfgmod.ConfigError(path, "port", "a tcp proxy needs --port (the tailnet-side port)"),
+              file=sys.stderr)
         return EXIT_ERROR
     for key, value in (("login_server", args.login_server), ("auth_key_file", args.auth_key_file),
                        ("auth_key_env", args.auth_key_env)):
@@ -204,10 +212,18 @@ def cmd_add(args: argparse.Namespace) -> int:
         for e in errors:
             print(str(e), file=sys.stderr)
         return EXIT_ERROR
-    args.config_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(tomli_w.dumps(raw))
-    os.replace(tmp, path)
+    try:
+        args.config_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(tomli_w.dumps(raw))
+        os.replace(tmp, path)
+    except (OSError, UnicodeError) as e:  # unwritable or full; a non-UTF-8 argument
+        _err(f"{path}: cannot write: {getattr(e, 'strerror', None) or e}")
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return EXIT_ERROR
     print(f"wrote {path}")
     _reload_if_running(args.data_dir)
     return EXIT_OK

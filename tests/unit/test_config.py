@@ -1,4 +1,7 @@
 """Bad config gets one clear line naming file, key and reason; good files still load."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +141,180 @@ def test_a_running_proxy_whose_file_broke_keeps_its_hostname(tmp_path):
     assert configs == []
     assert any(e.path.name == "zzz.toml" and e.key == "hostname" and "app.toml (running)" in str(e)
                for e in errors)
+
+
+# --- hostile input: any file costs one line for that file, never an exception ---------------
+
+OK = 'login_server = "embedded"\n'
+
+
+@pytest.mark.parametrize("body,key,words", [
+    # urlsplit raises ValueError on these
+    ('target = "http://[::1:8080"\n' + OK, "target", "must look like"),
+    ('target = "http://[zz]:80"\n' + OK, "target", "must look like"),
+    ('target = "http://\uff03x:1"\n' + OK, "target", "must look like"),
+    ('target = "http://127.0.0.1:99999"\n' + OK, "target", "valid port"),
+    ('target = "http://127.0.0.1:0"\n' + OK, "target", "valid port"),
+    ('target = "http://127.0.0.1:8080 "\n' + OK, "target", "spaces or control"),
+    ('target = "http://127.0.0.1:1"\nlogin_server = "http://[zz]:80"\n', "login_server", "URL"),
+    ('target = "http://127.0.0.1:1"\nlogin_server = "https://[::1"\n', "login_server", "URL"),
+    ('target = "http://127.0.0.1:1"\nlogin_server = "https://h:x"\n', "login_server", "URL"),
+    # Path.expanduser / resolve raise RuntimeError, open() ValueError
+    ('target = "http://127.0.0.1:1"\nauth_key_file = "~nosuchuser9/k"\n', "auth_key_file", "not a usable path"),
+    ('target = "http://127.0.0.1:1"\nauth_key_file = "a\\u0000b"\n', "auth_key_file", "not a usable path"),
+    ('target = "http://127.0.0.1:1"\nauth_key_file = "loop/k"\n', "auth_key_file", "not a usable path"),
+    # a key file that is binary, a device or a directory
+    ('target = "http://127.0.0.1:1"\nauth_key_file = "binary.key"\n', "auth_key_file", "not UTF-8"),
+    ('target = "http://127.0.0.1:1"\nauth_key_file = "/dev/zero"\n', "auth_key_file", "not a regular file"),
+    ('target = "http://127.0.0.1:1"\nauth_key_file = "."\n', "auth_key_file", "not a regular file"),
+    ('target = "http://127.0.0.1:1"\nauth_key_env = "A=B"\n', "auth_key_env", "not an environment variable"),
+    # values whose repr() raises (an int past str()'s 4300 digits)
+    ('target = "http://127.0.0.1:1"\nport = 0x' + "f" * 5000 + "\n" + OK, "port", "is not a port"),
+    ('target = "http://127.0.0.1:1"\nhostname = 0x' + "f" * 5000 + "\n" + OK, "hostname", "must be a string"),
+    # a key with a newline in it is still one line
+    ('target = "http://127.0.0.1:1"\n"a\\nb" = 1\n' + OK, "'a\\nb'", "unknown key"),
+])
+def test_hostile_values_are_one_error_line(tmp_path, body, key, words):
+    (tmp_path / "binary.key").write_bytes(b"\xff\xfe\x00key")
+    (tmp_path / "loop").symlink_to("loop")
+    write(tmp_path, "good", 'target = "http://127.0.0.1:2"\n' + OK)
+    p = write(tmp_path, "p", body)
+    configs, errors = cfgmod.load_dir(tmp_path)
+    assert [c.name for c in configs] == ["good"]
+    errs = [str(e) for e in errors]
+    assert len(errs) == 1, errs
+    assert errs[0].startswith(f"{p}: {key}: ") and words in errs[0] and "\n" not in errs[0]
+
+
+@pytest.mark.parametrize("body,words", [
+    (b"x = " + b"[" * 500 + b"]" * 500 + b"\n", "nested too deeply"),       # RecursionError
+    (b"x = " + b"{a = " * 400 + b"1" + b"}" * 400 + b"\n", "nested too deeply"),
+    (b'target = "http://127.0.0.1:1"\nport = ' + b"9" * 5000 + b"\n", "malformed TOML"),  # ValueError
+    (b'target = "http://127.0.0.1:1"\x00\n', "malformed TOML"),
+    (b'target = "http://127.0.0.1:\xff1"\n', "not UTF-8"),
+    (b"# padding\n" * 7000, "larger than"),
+])
+def test_a_file_that_cannot_be_parsed_is_one_line(tmp_path, body, words):
+    write(tmp_path, "good", 'target = "http://127.0.0.1:2"\n' + OK)
+    p = tmp_path / "p.toml"
+    p.write_bytes(body)
+    configs, errors = cfgmod.load_dir(tmp_path)
+    assert [c.name for c in configs] == ["good"]
+    assert len(errors) == 1 and errors[0].key is None
+    line = str(errors[0])
+    assert line.startswith(f"{p}: ") and words in line and "\n" not in line and len(line) < 300
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "p.toml"
+    os.mkfifo(fifo)
+    cfg, errors = cfgmod.load_proxy_file(fifo)  # no writer: a plain open() would block forever
+    assert cfg is None and "not a regular file" in str(errors[0])
+
+
+@pytest.mark.parametrize("text,words", [
+    ('[[webhook]]\nurl = "https://ntfy.sh/t"\nevents = [["x"]]', "webhook #1: events"),  # TypeError
+    ('[[webhook]]\nurl = "https://ntfy.sh/t"\nevents = [{a = 1}]', "webhook #1: events"),
+    ('[[webhook]]\nurl = "https://ntfy.sh/t"\nformat = ["json"]', "webhook #1: format"),
+    ('[[webhook]]\nurl = "http://[::1/t"', "webhook #1: url"),
+    ("x = " + "[" * 500 + "]" * 500, "nested too deeply"),                 # RecursionError
+    ("healthy_period = " + "9" * 5000, "malformed TOML"),                  # ValueError in tomllib
+    ("healthy_period = 0x" + "f" * 400, "healthy_period: must be a finite number"),
+    ("healthy_period = nan", "healthy_period: must be a finite number"),
+    ("start_window = inf", "start_window: must be a finite number"),
+    ("embedded_port = 70000", "embedded_port: 70000 is not a port"),
+    ('tailscale = "~nosuchuser9/bin/tailscale"', "tailscale: '~nosuchuser9/bin/tailscale' is not a usable path"),
+    ('metrics = "127.0.0.1:\u0663"', "metrics: must be a loopback"),
+    ('"a\\nb" = 1', "'a\\nb': unknown setting"),
+])
+def test_hostile_settings_are_settings_error_lines(tmp_path, text, words):
+    p = tmp_path / "ts-supervisor.toml"
+    p.write_text(text)
+    with pytest.raises(cfgmod.SettingsError) as e:
+        cfgmod.load_settings(p)
+    lines = str(e.value).splitlines()
+    assert lines and all(line.startswith(f"{p}: ") for line in lines), lines
+    assert any(words in line for line in lines), lines
+    assert "ntfy.sh/t" not in str(e.value)
+
+
+# --- the CLI: one line per problem, exit 1, never a traceback ---------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "supervisor", *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("body,key,words", [
+    (b'target = "http://[::1:8080"\nlogin_server = "embedded"\n', "target", "must look like"),
+    (b'target = "http://127.0.0.1:1"\nlogin_server = "http://[zz]:80"\n', "login_server", "URL"),
+    (b'target = "http://127.0.0.1:1"\nauth_key_file = "~nosuchuser9/k"\n', "auth_key_file", "usable path"),
+    (b"x = " + b"[" * 500 + b"]" * 500 + b"\n", None, "nested too deeply"),
+    (b'port = ' + b"9" * 5000 + b"\n", None, "malformed TOML"),
+    (b'target = "\xff"\n', None, "not UTF-8"),
+])
+def test_check_prints_one_line_per_error_and_exits_1(tmp_path, body, key, words):
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    (conf / "good.toml").write_text('target = "http://127.0.0.1:2"\n' + OK)
+    (conf / "bad.toml").write_bytes(body)
+    settings = tmp_path / "s.toml"
+    settings.write_text("")
+    r = cli("check", "--config-dir", str(conf), "--settings", str(settings))
+    assert "Traceback" not in r.stdout + r.stderr
+    assert r.returncode == 1
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1, lines
+    where = f"{conf / 'bad.toml'}: " + (f"{key}: " if key else "")
+    assert lines[0].startswith(where) and words in lines[0], lines
+    assert "1 proxy file(s) valid (good); 1 error(s)" in r.stderr
+
+
+def test_check_reports_each_settings_problem_on_its_own_line(tmp_path):
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    settings = tmp_path / "s.toml"
+    settings.write_text('healthy_period = nan\n[[webhook]]\nurl = "https://ntfy.sh/t"\nevents = [["x"]]\n')
+    r = cli("check", "--config-dir", str(conf), "--settings", str(settings))
+    assert "Traceback" not in r.stdout + r.stderr and r.returncode == 1
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"{settings}: ") for line in lines), lines
+    assert "2 error(s)" in r.stderr
+
+
+@pytest.mark.parametrize("flags,key,words", [
+    (["--target", "http://[::1"], "target", "must look like"),
+    (["--target", "http://[::1:8080"], "target", "must look like"),
+    (["--target", "http://127.0.0.1:1", "--port", "0"], "port", "is not a port"),
+    (["--target", "http://127.0.0.1:1", "--port", "9" * 5000], None, "invalid int value"),
+    (["--target", "http://127.0.0.1:1", "--tag", ""], "tags", "tag:name"),
+    (["--target", "http://127.0.0.1:1", "--login-server", "http://[zz]:80"], "login_server", "URL"),
+    (["--target", "http://127.0.0.1:1", "--login-server", "https://hs.example",
+      "--auth-key-file", "~nosuchuser9/k"], "auth_key_file", "usable path"),
+    (["--target", "http://127.0.0.1:1", "--login-server", "https://hs.example",
+      "--auth-key-env", "A=B"], "auth_key_env", "environment variable name"),
+])
+def test_add_refuses_odd_input_with_one_line(tmp_path, flags, key, words):
+    conf = tmp_path / "conf.d"
+    r = cli("add", "web", "--config-dir", str(conf), "--data-dir", str(tmp_path / "data"),
+            "--login-server", "embedded", *flags)
+    assert "Traceback" not in r.stdout + r.stderr
+    assert r.returncode != 0 and not (conf / "web.toml").exists()
+    lines = r.stderr.splitlines()
+    if key is None:  # argparse's own usage error
+        assert r.returncode == 2 and words in r.stderr
+        return
+    assert r.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"{conf / 'web.toml'}: {key}: ") and words in lines[0], lines
+
+
+def test_add_into_an_unwritable_place_is_one_line(tmp_path):
+    blocker = tmp_path / "conf.d"
+    blocker.write_text("a file, not a directory")
+    r = cli("add", "web", "--config-dir", str(blocker / "sub"), "--data-dir", str(tmp_path / "data"),
+            "--target", "http://127.0.0.1:1", "--login-server", "embedded")
+    assert "Traceback" not in r.stdout + r.stderr
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "web.toml" in r.stderr
