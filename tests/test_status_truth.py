@@ -32,12 +32,13 @@ def proxy_events(sup: SupervisorProc, after: int, name: str) -> list[dict]:
 # -- every transitional state has a deadline -----------------------------------------
 
 
-def test_a_full_disk_during_restart_backs_off_with_the_reason_and_heals(sup, control, tmp_path):
+def test_a_full_disk_during_restart_backs_off_with_the_reason_and_heals(sup, control, tmp_path, any_bins):
     """The file system under the proxy's bookkeeping fills up; `restart NAME`
     then spawns tailscaled but cannot record it. Nothing may run untracked,
     the reason is shown, and the proxy runs again once space is freed,
     without spending its start limit. (A small full tmpfs over the proxy's
     pids dir: deterministic, where a whole full disk frees a page at each stop.)"""
+    use_bins(sup, any_bins)
     sup.settings.update(start_limit=2, start_window=600, backoff_max=1.0)
     run_proxy(sup, control, tmp_path, "app", reusable=True)
     pids = sup.data_dir / "proxies" / "app" / "pids"
@@ -63,9 +64,10 @@ def test_a_full_disk_during_restart_backs_off_with_the_reason_and_heals(sup, con
         subprocess.run(["umount", "-l", str(pids)], check=False)
 
 
-def test_a_register_outage_during_login_is_retried_until_the_control_answers(sup, control, tmp_path):
+def test_a_register_outage_during_login_is_retried_until_the_control_answers(sup, control, tmp_path, any_bins):
     """HTTP 500 from /machine/register is neither a rejection nor a crash: the
     login is retried with backoff, and the proxy runs once the control answers."""
+    use_bins(sup, any_bins)
     sup.settings.update(start_timeout=30)
     control.admin("set_fault", register_status=500)
     path, _ = key_file(tmp_path, control, "app", reusable=True)
@@ -81,7 +83,8 @@ def test_a_register_outage_during_login_is_retried_until_the_control_answers(sup
     assert not [e for e in proxy_events(sup, 0, "app") if e["event"] == "wiped"]
 
 
-def test_a_register_outage_that_never_ends_fails_at_the_start_limit_with_the_reason(sup, control, tmp_path):
+def test_a_register_outage_that_never_ends_fails_at_the_start_limit_with_the_reason(sup, control, tmp_path, any_bins):
+    use_bins(sup, any_bins)
     sup.settings.update(start_timeout=3, start_limit=2, start_window=600)
     control.admin("set_fault", register_status=503)
     path, _ = key_file(tmp_path, control, "app", reusable=True)
@@ -135,7 +138,8 @@ def test_a_zero_byte_state_file_is_corrupt_state_on_both_releases(sup, control, 
     assert sup.status()["app"]["recoveries"] == 1
 
 
-def test_a_state_file_that_is_not_state_is_corrupt(sup, control, tmp_path):
+def test_a_state_file_that_is_not_state_is_corrupt(sup, control, tmp_path, any_bins):
+    use_bins(sup, any_bins)
     run_proxy(sup, control, tmp_path, "app", reusable=True)
     assert sup.stop() == 0
     (sup.data_dir / "proxies" / "app" / "state" / "tailscaled.state").write_text('{"x": 1}')
@@ -146,8 +150,9 @@ def test_a_state_file_that_is_not_state_is_corrupt(sup, control, tmp_path):
     sup.wait_state("app", "running", 30, after=n)
 
 
-def test_a_healthy_state_whose_key_was_revoked_while_stopped_comes_back_without_a_key(sup, control, tmp_path):
+def test_a_healthy_state_whose_key_was_revoked_while_stopped_comes_back_without_a_key(sup, control, tmp_path, any_bins):
     """Regression: the key is only for logins; a node that works is never sent one."""
+    use_bins(sup, any_bins)
     key = run_proxy(sup, control, tmp_path, "app", reusable=True)
     node = control.node_named("app")
     assert sup.stop() == 0
@@ -186,7 +191,8 @@ def test_an_unknown_fatal_line_is_the_whole_reason(sup, control, tmp_path, bins)
 # -- degraded: the node is up, but something configured cannot be served -------------------
 
 
-def test_https_without_certificates_is_degraded_and_tailscaled_is_never_restarted(sup, control, tmp_path):
+def test_https_without_certificates_is_degraded_and_tailscaled_is_never_restarted(sup, control, tmp_path, any_bins):
+    use_bins(sup, any_bins)
     sup.settings.update(reconcile_period=0.5)
     path, _ = key_file(tmp_path, control, "app", reusable=True)
     sup.write_proxy("app", hostname="app", target="http://127.0.0.1:8080", serve="https", port=443,
@@ -206,7 +212,7 @@ def test_https_without_certificates_is_degraded_and_tailscaled_is_never_restarte
 # -- paths that cannot overflow ---------------------------------------------------------
 
 
-def test_a_long_data_dir_and_a_long_name_still_run(control, tmp_path):
+def test_a_long_data_dir_and_a_long_name_still_run(control, tmp_path, any_bins):
     """A NAS data dir of 89 characters and a proxy name of 40: the LocalAPI
     socket would be 161 bytes, over the 107 a unix socket address holds."""
     base = tmp_path / "d"
@@ -215,6 +221,7 @@ def test_a_long_data_dir_and_a_long_name_still_run(control, tmp_path):
     base.mkdir()
     name = "n" * 40
     sup = SupervisorProc(tmp_path / "conf.d", data)
+    use_bins(sup, any_bins)
     try:
         path, _ = key_file(tmp_path, control, "k", reusable=True)
         proxy_on(sup, control, name, path)
@@ -225,9 +232,10 @@ def test_a_long_data_dir_and_a_long_name_still_run(control, tmp_path):
         sup.stop()
 
 
-def test_recover_works_on_a_failed_proxy(sup, control, tmp_path):
+def test_recover_works_on_a_failed_proxy(sup, control, tmp_path, any_bins):
     """A one-off key spent, the node deleted: the one recovery fails. The
     operator puts a good key in place and says `recover NAME`."""
+    use_bins(sup, any_bins)
     run_proxy(sup, control, tmp_path, "app", reusable=False)
     control.admin("delete_node", id=control.node_named("app")["id"])
     sup.wait_state("app", "failed", 60)
