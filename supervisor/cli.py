@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -99,6 +100,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     except PermissionError:
         _err(f"permission denied on {args.data_dir / ipc.SOCKET_NAME} (run as the supervisor's user)")
         return EXIT_ERROR
+    except OSError as e:  # ipc.IPCError: an answer that is late, empty, oversize or not JSON
+        _err(str(e))
+        return EXIT_ERROR
+    if not answer.get("ok") or not isinstance(answer.get("proxies"), list):
+        _err(str(answer.get("error") or "the supervisor gave no status"))
+        return EXIT_ERROR
     if args.json:
         print(json.dumps({"proxies": answer["proxies"]}, indent=2))
         return EXIT_OK
@@ -106,28 +113,34 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from supervisor.console import render
     from supervisor.proxy import ProxySnapshot
-    from datetime import datetime
 
-    snaps = [ProxySnapshot(name=p["name"], hostname=p["hostname"], state=p["state"],
-                           tailscale_ips=tuple(p["tailscale_ips"]), dns_name=p["dns_name"],
-                           target=p["target"], pid=p["pid"], restarts=p["restarts"],
-                           recoveries=p["recoveries"], last_error=p["last_error"],
-                           since=datetime.fromisoformat(p["since"]).timestamp())
-             for p in answer["proxies"]]
+    snaps = [ProxySnapshot.from_json(p) for p in answer["proxies"]]
     console = Console()
     console.print(render(snaps, errors=answer.get("config_errors", []), width=console.width))
     return EXIT_OK
 
 
+def tailscale_version(settings: cfgmod.Settings) -> tuple[int, ...] | None:
+    """The version of the tailscale binaries `run` would use, or None if
+    they cannot be found or asked (then nothing is refused by version)."""
+    from supervisor.tailscale import Binaries, BinaryNotFound
+    try:
+        return cfgmod.parse_version(Binaries.locate(settings.tailscale, settings.tailscaled).version())
+    except (BinaryNotFound, OSError, subprocess.SubprocessError):
+        return None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Print one line per problem in the proxy files and the settings file
     (FILE: KEY: REASON) on stdout, a summary on stderr; exit 1 on any problem."""
-    configs, errors = cfgmod.load_dir(args.config_dir)
-    problems = [str(e) for e in errors]
+    problems: list[str] = []
     try:
-        _settings(args)
+        settings = _settings(args)
     except cfgmod.SettingsError as e:
         problems += e.lines
+        settings = cfgmod.Settings()
+    configs, errors = cfgmod.load_dir(args.config_dir, tailscale_version=tailscale_version(settings))
+    problems = [str(e) for e in errors] + problems
     for line in problems:
         print(line)
     names = ", ".join(c.name for c in configs) or "none"

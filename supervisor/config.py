@@ -20,7 +20,10 @@ from urllib.parse import urlsplit
 
 EMBEDDED = "embedded"
 SERVE_MODES = ("http", "https", "tcp")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+# what `tailscale serve` forwards to (ipn.ExpandProxyTargetValue), besides unix:/PATH
+TARGET_SCHEMES = ("http", "https", "https+insecure", "tcp")
+UNIX_TARGET_SINCE = (1, 94, 0)
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")  # used with fullmatch: no "x\n"
 _HOST_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _TAG_RE = re.compile(r"^tag:[a-z0-9][a-z0-9-]*$", re.I)
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -203,18 +206,22 @@ def _typed(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], errs: _
     return value
 
 
-def parse_proxy(path: Path, raw: dict[str, Any]) -> tuple[ProxyConfig | None, list[ConfigError]]:
-    """Validate one parsed proxy file. Returns the config, or None and every error found."""
+def parse_proxy(path: Path, raw: dict[str, Any], tailscale_version: tuple[int, ...] | None = None
+                ) -> tuple[ProxyConfig | None, list[ConfigError]]:
+    """Validate one parsed proxy file. Returns the config, or None and every error found.
+    `tailscale_version` (e.g. (1, 78, 1)), when known, refuses what that release lacks."""
     errs = _Errors(path)
     name = path.stem
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         errs.add(None, "file name must be letters, digits, '-' or '_' (it names the proxy)")
     for key in sorted(set(raw) - _PROXY_KEYS):
         errs.add(show_key(key), f"unknown key (known: {', '.join(sorted(_PROXY_KEYS))})")
 
     hostname = _typed(raw, "hostname", str, errs, "a string")
     if hostname is None and "hostname" not in raw:
-        hostname = name.lower().replace("_", "-")
+        hostname = name.replace("_", "-")
+    if hostname is not None:
+        hostname = hostname.lower()  # as tailscale does: "Jellyfin" is jellyfin
     if hostname is not None and not _HOST_RE.match(hostname):
         errs.add("hostname", f"{show(hostname)} is not a DNS label (a-z, 0-9, '-', at most 63)")
 
@@ -223,8 +230,19 @@ def parse_proxy(path: Path, raw: dict[str, Any]) -> tuple[ProxyConfig | None, li
     target_port = None
     if "target" not in raw:
         errs.add("target", "missing (e.g. target = \"http://127.0.0.1:8096\")")
+    elif target is not None and target.startswith("unix:"):
+        # tailscale serve proxies HTTP to a unix socket from 1.94 (ipn.ExpandProxyTargetValue)
+        sock = target[len("unix:"):]
+        if not sock.startswith("/") or not sock.isprintable() or len(os.fsencode(sock)) > 107:
+            errs.add("target", f"{show(target)} must be unix:/ABSOLUTE/PATH of a socket (at most 107 bytes)")
+        elif tailscale_version is not None and tailscale_version < UNIX_TARGET_SINCE:
+            errs.add("target", "unix: upstreams need tailscale "
+                               f"{'.'.join(map(str, UNIX_TARGET_SINCE))} or later; this tailscale is "
+                               f"{'.'.join(map(str, tailscale_version))}")
+        else:
+            target_scheme = "unix"
     elif target is not None:
-        problem = url_problem(target, ("http", "https", "tcp"))
+        problem = url_problem(target, TARGET_SCHEMES)
         if problem is None:
             parts = urlsplit(target)
             target_port = parts.port
@@ -305,6 +323,12 @@ def parse_proxy(path: Path, raw: dict[str, Any]) -> tuple[ProxyConfig | None, li
         ephemeral=bool(ephemeral), tags=tags), []
 
 
+def parse_version(text: str) -> tuple[int, ...] | None:
+    """`tailscale version`'s first line ("1.78.1-t8903926f7-...") as (1, 78, 1)."""
+    m = re.match(r"\s*(\d+)\.(\d+)\.(\d+)", text)
+    return tuple(int(x) for x in m.groups()) if m else None
+
+
 def errs_keys(errs: _Errors) -> set[str | None]:
     return {e.key for e in errs.items}
 
@@ -333,17 +357,19 @@ def _key_path(path: Path, key_file: str, errs: _Errors) -> Path | None:
     return key_path
 
 
-def load_proxy_file(path: Path) -> tuple[ProxyConfig | None, list[ConfigError]]:
+def load_proxy_file(path: Path, tailscale_version: tuple[int, ...] | None = None
+                    ) -> tuple[ProxyConfig | None, list[ConfigError]]:
     """Read and validate one proxy file: (config, []) or (None, errors); never raises.
     A file that cannot be read or parsed is one error without a key."""
     try:
         raw = read_toml(path)
     except Unreadable as e:
         return None, [ConfigError(path, None, str(e))]
-    return parse_proxy(path, raw)
+    return parse_proxy(path, raw, tailscale_version)
 
 
-def load_dir(config_dir: Path, incumbents: dict[str, str] | None = None
+def load_dir(config_dir: Path, incumbents: dict[str, str] | None = None,
+             tailscale_version: tuple[int, ...] | None = None
              ) -> tuple[list[ProxyConfig], list[ConfigError]]:
     """Load every *.toml in `config_dir`.
 
@@ -359,7 +385,7 @@ def load_dir(config_dir: Path, incumbents: dict[str, str] | None = None
     errors: list[ConfigError] = []
     for p in paths:
         try:
-            cfg, errs = load_proxy_file(p)
+            cfg, errs = load_proxy_file(p, tailscale_version)
         except Exception as e:  # a bug here must cost this file, never the running fleet
             cfg, errs = None, [ConfigError(p, None, f"internal error while checking this file: {e!r}")]
         errors.extend(errs)

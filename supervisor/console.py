@@ -38,6 +38,7 @@ from supervisor.events import Event, redact
 from supervisor.proxy import ProxySnapshot
 
 STATE_STYLE = {
+    "degraded": "yellow",
     "running": "bold green", "starting": "cyan", "recovering": "bold yellow",
     "backoff": "magenta", "failed": "bold red", "stopped": "dim",
 }
@@ -320,16 +321,18 @@ def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: floa
         problem = upstream_problem(s)  # under the last error: a reason, never a state
         state = Text(s.state, style=STATE_STYLE.get(s.state, ""))
         error_style = "red" if s.state == "failed" else "dim"
+        # while not running, why not (the reason) says more than the last error
+        why = s.reason if s.reason and s.state not in ("running", "stopped") else s.last_error
         key = key_expiry_cell(s.key_expiry, now)
         style = "reverse" if s.name == selected else None
         if wide:
-            error = Text(redact(s.last_error), style=error_style)
+            error = Text(redact(why), style=error_style)
             if problem:
-                error.append("\n" if s.last_error else "").append_text(problem)
+                error.append("\n" if why else "").append_text(problem)
             t.add_row(name, state, ip4, target, pid, res, up, counts, key, error, style=style)
         else:
-            if s.last_error:
-                state.append(f"\n{redact(s.last_error)}", style=error_style)
+            if why:
+                state.append(f"\n{redact(why)}", style=error_style)
             if problem:
                 state.append("\n").append_text(problem)
             target.stylize("dim")

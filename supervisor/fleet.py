@@ -12,6 +12,7 @@ import fcntl
 import os
 import signal
 import socket
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,7 @@ class Fleet:
         self._reload_requested = False
         self._tg: asyncio.TaskGroup | None = None
         self.started = asyncio.Event()
+        self.tailscale_version: tuple[int, ...] | None = None
 
     # -- shared services -----------------------------------------------------------
 
@@ -184,6 +186,10 @@ class Fleet:
             for desc in killed:
                 self._note("-", "orphan_stopped", f"stopped {desc} left by an earlier supervisor")
             bins = ts.Binaries.locate(self.settings.tailscale, self.settings.tailscaled)
+            try:
+                self.tailscale_version = cfgmod.parse_version(await asyncio.to_thread(bins.version))
+            except (OSError, subprocess.SubprocessError) as e:
+                self._note("-", "transient", f"cannot ask {bins.tailscale} its version: {e}")
             self.ctx = Context(settings=self.settings, bins=bins, data_dir=self.data_dir,
                                events=self.events, control_url=self.control_url,
                                auth_key=self.auth_key, death_pipe=pipe)
@@ -246,11 +252,14 @@ class Fleet:
         """New proxies start, removed ones stop, changed ones restart; the rest
         are not touched. A running proxy keeps its hostname against newcomers."""
         incumbents = {p.cfg.hostname: n for n, p in self.proxies.items()}
-        configs, errors = await asyncio.to_thread(cfgmod.load_dir, self.config_dir, incumbents)
+        configs, errors = await asyncio.to_thread(cfgmod.load_dir, self.config_dir, incumbents,
+                                                  self.tailscale_version)
         new_errors = [e for e in errors if e not in self.config_errors]
         self.config_errors = errors
         for e in new_errors:
             self._note(e.path.stem, "config_error", str(e))
+        if any(e.path == self.config_dir for e in errors):
+            return  # the config dir itself is unreadable (removed, renamed, EACCES): change nothing
         wanted = {c.name: c for c in configs}
         # A file that turned bad keeps its proxy running as it was: nothing is lost.
         bad_files = {e.path.stem for e in errors}

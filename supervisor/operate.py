@@ -185,7 +185,8 @@ def cmd_add(args: argparse.Namespace) -> int:
         _err(f"{path}: {e.strerror or e}")
         return EXIT_ERROR
     scheme = args.target.split("://", 1)[0].lower()
-    raw: dict[str, Any] = {"hostname": args.hostname or args.name, "target": args.target,
+    raw: dict[str, Any] = {"hostname": (args.hostname or args.name.replace("_", "-")).lower(),
+                           "target": args.target,
                            "serve": args.serve or ("tcp" if scheme == "tcp" else "http")}
     raw["port"] = args.port if args.port is not None else (80 if raw["serve"] == "http" else
                                                             443 if raw["serve"] == "https" else 0)
@@ -201,7 +202,12 @@ def cmd_add(args: argparse.Namespace) -> int:
         raw["ephemeral"] = True
     if args.tag:
         raw["tags"] = args.tag
-    cfg, errors = cfgmod.parse_proxy(path, raw)
+    from supervisor.cli import _settings, tailscale_version
+    try:
+        version = tailscale_version(_settings(args))
+    except cfgmod.SettingsError:
+        version = None
+    cfg, errors = cfgmod.parse_proxy(path, raw, version)
     if cfg is not None and args.config_dir.is_dir():
         existing, _ = cfgmod.load_dir(args.config_dir)
         clash = next((c for c in existing if c.hostname == cfg.hostname), None)
@@ -216,7 +222,12 @@ def cmd_add(args: argparse.Namespace) -> int:
     try:
         args.config_dir.mkdir(parents=True, exist_ok=True)
         tmp.write_text(tomli_w.dumps(raw))
-        os.replace(tmp, path)
+        os.link(tmp, path)  # whole, and never over a file someone wrote meanwhile
+        tmp.unlink()
+    except FileExistsError:
+        _err(f"{path} already exists (remove it first, or edit it)")
+        tmp.unlink(missing_ok=True)
+        return EXIT_ERROR
     except (OSError, UnicodeError) as e:  # unwritable or full; a non-UTF-8 argument
         _err(f"{path}: cannot write: {getattr(e, 'strerror', None) or e}")
         try:

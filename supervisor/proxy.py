@@ -73,6 +73,18 @@ class ProxySnapshot:
     node_id: str = ""         # the node's stable ID (Self.ID) once known
     upstream: str | None = None  # last probe of the target: "ok", "refused", "timeout", "TLS: ..."; None: not probed yet
 
+    @classmethod
+    def from_json(cls, p: dict) -> "ProxySnapshot":
+        """The inverse of to_json(), for `status` drawing what the socket said."""
+        from datetime import datetime
+        return cls(name=p["name"], hostname=p["hostname"], state=p["state"],
+                   tailscale_ips=tuple(p["tailscale_ips"]), dns_name=p["dns_name"],
+                   target=p["target"], pid=p["pid"], restarts=p["restarts"],
+                   recoveries=p["recoveries"], last_error=p["last_error"],
+                   since=datetime.fromisoformat(p["since"]).timestamp(),
+                   key_expiry=p.get("key_expiry"), reason=p.get("reason", ""),
+                   node_id=p.get("node_id", ""), upstream=p.get("upstream"))
+
     def to_json(self) -> dict:
         """One proxy in `status --json` (schema: README, "status --json")."""
         from supervisor.events import iso

@@ -154,6 +154,21 @@ def local_http() -> Iterator[int]:
 
 
 @pytest.fixture
+def local_https(tmp_path: Path) -> Iterator[int]:
+    """The usual NAS admin UI: HTTPS on 127.0.0.1 with a self-signed
+    certificate (CN only, no IP SAN), which no verifying client accepts."""
+    from tests.unit.test_upstream import make_cert, server_ctx
+    cert, key = make_cert("nas.local")
+    ctx = server_ctx(tmp_path / "tls", cert, key)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
 def local_echo() -> Iterator[int]:
     socketserver.ThreadingTCPServer.daemon_threads = True
     srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)

@@ -247,3 +247,58 @@ def test_recover_works_on_a_failed_proxy(sup, control, tmp_path, any_bins):
     sup.wait_state("app", "recovering", 10, after=n)
     sup.wait_state("app", "running", 30, after=n)
     assert sup.status()["app"]["recoveries"] == 2
+
+
+# -- upstreams as NAS users have them ----------------------------------------------------
+
+
+def _peer_fetch(tmp_path, control, bins, url: str) -> str:
+    from tests.harness import Node, curl_via, free_port
+    socks = free_port()
+    peer = Node(bins=bins, statedir=tmp_path / "peer", control_url=control.url, socks5_port=socks)
+    try:
+        peer.start()
+        peer.up(control.create_key()["secret"], "peer")
+        return wait_for(lambda: curl_via(socks, url), 20, f"a peer to fetch {url}")
+    finally:
+        peer.kill()
+
+
+def test_a_self_signed_https_upstream_through_https_insecure_serves(sup, control, tmp_path, local_https, bins):
+    from tests.conftest import BODY
+    path, _ = key_file(tmp_path, control, "app", reusable=True)
+    sup.write_proxy("app", hostname="app", target=f"https+insecure://127.0.0.1:{local_https}",
+                    serve="http", port=80, login_server=control.url, auth_key_file=str(path))
+    sup.start()
+    sup.wait_state("app", "running", 30)
+    assert _peer_fetch(tmp_path, control, bins, "http://app.tailnet.test/") == BODY.decode()
+    wait_for(lambda: sup.status()["app"]["upstream"] == "ok", 10, "upstream ok")
+
+
+def test_a_self_signed_https_upstream_is_running_with_the_tls_advice(sup, control, tmp_path, local_https):
+    """Running (the node serves, and a failing upstream is never a proxy
+    state), with the reason every request would 502 shown where users look."""
+    sup.settings.update(reconcile_period=0.5)
+    path, _ = key_file(tmp_path, control, "app", reusable=True)
+    sup.write_proxy("app", hostname="app", target=f"https://127.0.0.1:{local_https}",
+                    serve="http", port=80, login_server=control.url, auth_key_file=str(path))
+    sup.start()
+    sup.wait_state("app", "running", 30)
+    want = f"TLS: certificate not trusted — use https+insecure://127.0.0.1:{local_https}"
+    wait_for(lambda: sup.status()["app"]["upstream"] == want, 10, "the TLS advice")
+    assert sup.status()["app"]["state"] == "running"
+    out = sup.cli("status", "--data-dir", str(sup.data_dir))
+    assert "https+insecure" in out.stdout
+
+
+def test_a_capitalised_hostname_is_what_tailscale_makes_of_it(sup, control, tmp_path):
+    path, _ = key_file(tmp_path, control, "Media", reusable=True)
+    sup.write_proxy("Media", target="http://127.0.0.1:9", serve="http", port=80,
+                    login_server=control.url, auth_key_file=str(path))
+    sup.write_proxy("jelly", hostname="Jellyfin", target="http://127.0.0.1:9", serve="http", port=80,
+                    login_server=control.url, auth_key_file=str(path))
+    sup.start()
+    sup.wait_state("Media", "running", 30)
+    sup.wait_state("jelly", "running", 30)
+    st = sup.status()
+    assert (st["Media"]["dns_name"], st["jelly"]["dns_name"]) == ("media.tailnet.test", "jellyfin.tailnet.test")

@@ -318,3 +318,76 @@ def test_add_into_an_unwritable_place_is_one_line(tmp_path):
             "--target", "http://127.0.0.1:1", "--login-server", "embedded")
     assert "Traceback" not in r.stdout + r.stderr
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "web.toml" in r.stderr
+
+
+# -- what tailscale serve accepts, tailscale's own way -------------------------------------
+
+
+def _one(tmp_path, body: str, version=None):
+    f = tmp_path / "app.toml"
+    f.write_text(body)
+    return cfgmod.load_proxy_file(f, version)
+
+
+@pytest.mark.parametrize("given,stored", [("Jellyfin", "jellyfin"), ("NAS-Admin", "nas-admin"),
+                                          ("jellyfin", "jellyfin")])
+def test_hostnames_are_lowercased_as_tailscale_does(tmp_path, given, stored):
+    cfg, errs = _one(tmp_path, f'hostname = "{given}"\ntarget = "http://127.0.0.1:1"\nlogin_server = "embedded"\n')
+    assert errs == [] and cfg.hostname == stored
+
+
+def test_a_file_name_in_capitals_gives_a_lowercase_hostname(tmp_path):
+    f = tmp_path / "Media_Server.toml"
+    f.write_text('target = "http://127.0.0.1:1"\nlogin_server = "embedded"\n')
+    cfg, errs = cfgmod.load_proxy_file(f)
+    assert errs == [] and cfg.hostname == "media-server"
+
+
+@pytest.mark.parametrize("target", ["https+insecure://127.0.0.1:5001", "https://127.0.0.1:5001",
+                                    "unix:/run/app.sock"])
+def test_every_target_kind_serve_accepts(tmp_path, target):
+    cfg, errs = _one(tmp_path, f'target = "{target}"\nlogin_server = "embedded"\n')
+    assert errs == [] and cfg.target == target and cfg.serve == "http"
+
+
+def test_unix_targets_need_tailscale_1_94(tmp_path):
+    body = 'target = "unix:/run/app.sock"\nlogin_server = "embedded"\n'
+    cfg, errs = _one(tmp_path, body, version=(1, 78, 1))
+    assert cfg is None and [str(e) for e in errs] == [
+        f"{tmp_path / 'app.toml'}: target: unix: upstreams need tailscale 1.94.0 or later; "
+        "this tailscale is 1.78.1"]
+    assert _one(tmp_path, body, version=(1, 96, 4))[1] == []
+
+
+@pytest.mark.parametrize("target", ["unix:run/app.sock", "unix:", "unix:/" + "x" * 120])
+def test_a_unix_target_is_an_absolute_socket_path(tmp_path, target):
+    cfg, errs = _one(tmp_path, f'target = "{target}"\nlogin_server = "embedded"\n')
+    assert cfg is None and len(errs) == 1 and errs[0].key == "target"
+
+
+def test_check_knows_the_binaries_version(tmp_path):
+    """`check` asks the configured tailscale for its version, so what surely
+    fails at run time (a unix: target on 1.78.1) fails here, in one line."""
+    root = Path(__file__).resolve().parents[2]
+    old = root / ".tools" / "tailscale-1.78.1"
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    (conf / "app.toml").write_text('target = "unix:/run/app.sock"\nlogin_server = "embedded"\n')
+    settings = tmp_path / "s.toml"
+    settings.write_text(f'tailscale = "{old / "tailscale"}"\ntailscaled = "{old / "tailscaled"}"\n')
+    out = subprocess.run([sys.executable, "-m", "supervisor", "check", "--config-dir", str(conf),
+                          "--settings", str(settings)], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 1
+    assert out.stdout.strip().splitlines() == [
+        f"{conf / 'app.toml'}: target: unix: upstreams need tailscale 1.94.0 or later; this tailscale is 1.78.1"]
+
+
+def test_add_derives_a_valid_hostname_from_a_capitalised_name(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    conf = tmp_path / "conf.d"
+    out = subprocess.run([sys.executable, "-m", "supervisor", "add", "Media", "--target", "http://127.0.0.1:8096",
+                          "--login-server", "embedded", "--config-dir", str(conf),
+                          "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    cfg, errs = cfgmod.load_proxy_file(conf / "Media.toml")
+    assert errs == [] and cfg.hostname == "media"
