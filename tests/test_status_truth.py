@@ -302,3 +302,51 @@ def test_a_capitalised_hostname_is_what_tailscale_makes_of_it(sup, control, tmp_
     sup.wait_state("jelly", "running", 30)
     st = sup.status()
     assert (st["Media"]["dns_name"], st["jelly"]["dns_name"]) == ("media.tailnet.test", "jellyfin.tailnet.test")
+
+
+# -- desired config is enforced ------------------------------------------------------------
+
+
+def test_a_hostname_changed_by_hand_is_set_back(sup, control, tmp_path, bins):
+    sup.settings.update(reconcile_period=0.5)
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    pid = sup.status()["app"]["pid"]
+    sock = sup.data_dir / "proxies" / "app" / "state" / "tailscaled.sock"
+    n = len(sup.events())
+    subprocess.run([str(bins.tailscale), f"--socket={sock}", "set", "--hostname=intruder"], check=True,
+                   capture_output=True, timeout=30)
+    drift = sup.wait_event(lambda e: e["proxy"] == "app" and e["event"] == "drift", 10, "drift", after=n)
+    assert "hostname is 'intruder', configured 'app'" in drift["reason"]
+
+    def prefs_hostname() -> str:
+        out = subprocess.run([str(bins.tailscale), f"--socket={sock}", "debug", "prefs"],
+                             capture_output=True, text=True, timeout=30)
+        return json.loads(out.stdout)["Hostname"]
+    wait_for(lambda: prefs_hostname() == "app", 10, "the hostname set back")
+    st = sup.status()["app"]
+    assert (st["state"], st["pid"], st["restarts"]) == ("running", pid, 0)
+
+
+def test_a_state_dir_on_another_control_is_re_registered_without_spending_the_budget(sup, control, tmp_path):
+    """The file moves the proxy to another control: its state belongs to the
+    old one. A planned fresh start, logged as such; no recovery is spent and
+    nothing is deleted on the old control."""
+    from tests.fixtures_control import ControlThread
+    other = ControlThread(tmp_path / "control-b", ephemeral_reap_after=0.0)
+    try:
+        run_proxy(sup, control, tmp_path, "app", reusable=True)
+        old_node = control.node_named("app")
+        path_b, _ = key_file(tmp_path, other, "b", reusable=True)
+        n = len(sup.events())
+        sup.write_proxy("app", hostname="app", target="http://127.0.0.1:8080", serve="http", port=80,
+                        login_server=other.url, auth_key_file=str(path_b))
+        ev = sup.wait_event(lambda e: e["proxy"] == "app" and e["event"] == "reregistering", 30,
+                            "the re-registration", after=n)
+        assert "config changed: login_server" in ev["reason"]
+        sup.wait_state("app", "running", 30, after=n)
+        assert other.node_named("app")
+        assert control.node_named("app")["id"] == old_node["id"]  # the old control is left alone
+        assert sup.status()["app"]["recoveries"] == 0
+    finally:
+        sup.stop()
+        other.close()

@@ -105,3 +105,62 @@ def test_budget_rearm(tmp_path):
 def test_corrupt_budget_file_means_armed(tmp_path):
     (tmp_path / "r.json").write_text("{garbage")
     assert Budget(tmp_path / "r.json", "fp").armed
+
+
+# -- reasons are whole ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("fatal: something unexpected happened", "fatal: something unexpected happened"),
+    ("2026/11/25 03:42:04 fatal: something unexpected happened", "fatal: something unexpected happened"),
+    ("2026/11/25 03:42:04.123456 safesocket.Listen: bind: invalid argument",
+     "safesocket.Listen: bind: invalid argument"),
+    ("  spaced   out\twords ", "spaced out words"),
+])
+def test_a_reason_keeps_tailscaleds_words(line, reason):
+    assert policy.whole(line) == reason
+    assert policy.from_exit(1, [line]).reason == f"tailscaled exited with status 1: {reason}"
+
+
+def test_a_long_reason_is_cut_in_the_middle_so_the_cause_survives():
+    line = "safesocket.Listen: listen unix " + "/very/long/path" * 40 + "/tailscaled.sock: bind: invalid argument"
+    r = policy.whole(line, limit=120)
+    assert len(r) <= 120 and r.startswith("safesocket.Listen") and r.endswith("bind: invalid argument")
+    assert " … " in r
+
+
+@pytest.mark.parametrize("line", [
+    "2026/11/30 22:54:03 getLocalBackend error: store.New: open /x/tailscaled.state: unexpected EOF",
+    "State store failed to initialize, Tailscale will not work until this is resolved.",
+    "failed to load profile prefs for a@b (abc): parsing saved prefs: invalid character 'n'",
+    "backend error: cannot log in when state store is unhealthy",
+    "failed to unseal state file: failed to unseal encryption key with TPM: bad",
+])
+def test_every_report_of_unreadable_state_is_corrupt_state(line):
+    assert policy.from_stderr(line).signal is Signal.CORRUPT_STATE
+    assert policy.from_exit(1, ["x", line]).signal is Signal.CORRUPT_STATE
+
+
+def test_the_harmless_tpm_line_at_every_start_is_not_corrupt_state():
+    line = "2026/11/30 22:54:03 TPM: error opening: open /dev/tpmrm0: no such file or directory"
+    assert policy.from_stderr(line) is None
+
+
+@pytest.mark.parametrize("content,verdict", [
+    (None, None),
+    (b"", "state file is empty"),
+    (b"\n  \n", "state file is empty"),
+    (b"{not json", "state file is not JSON"),
+    (b"[1, 2]", "state file has no machine key"),
+    (b'{"_current-profile": "cHJvZmlsZS0x"}', "state file has no machine key"),
+    (b'{"_machinekey": "bWtleQ==", "_current-profile": "cHJvZmlsZS0x"}', None),
+    (b'{"key": {}, "nonce": "AA==", "data": "AA=="}', None),  # TPM-sealed: tailscaled checks it
+])
+def test_the_state_file_is_checked_before_a_launch(tmp_path, content, verdict):
+    if content is not None:
+        (tmp_path / "tailscaled.state").write_bytes(content)
+    v = policy.check_state_file(tmp_path)
+    if verdict is None:
+        assert v is None
+    else:
+        assert v.signal is Signal.CORRUPT_STATE and verdict in v.reason
