@@ -267,6 +267,9 @@ class Fleet:
         changed = [n for n, c in wanted.items()
                    if n in self.proxies and self.proxies[n].cfg.fingerprint() != c.fingerprint()]
         await self._stop_all(removed + changed)
+        for n, c in wanted.items():  # only the [[serve]] set changed: applied in place
+            if n in self.proxies and n not in changed and self.proxies[n].cfg != c:
+                self.proxies[n].update_services(c)
         try:
             await self._ensure_control(configs)
         except Exception as e:

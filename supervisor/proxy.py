@@ -124,6 +124,23 @@ class Launch:
     logged_in: bool = False  # a `tailscale up` of this launch succeeded
 
 
+def wipe_statedir(statedir: Path) -> None:
+    """Remove everything tailscaled keeps, except `certs/`: a proxy that
+    recovers twice in a week must not hit Let's Encrypt's limit of 5
+    identical certificates per 7 days (tsdproxy keeps them the same way)."""
+    try:
+        entries = list(statedir.iterdir())
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.name == "certs" and entry.is_dir() and not entry.is_symlink():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 class Proxy:
     def __init__(self, cfg: ProxyConfig, ctx: Context):
         self.cfg = cfg
@@ -173,10 +190,22 @@ class Proxy:
     def desired(self) -> rc.Desired:
         """What the config asks of the node (reconcile.Desired)."""
         c = self.cfg
+        services = getattr(c, "services", ()) or ()
+        wanted = ({rc.desired_service(s.mode, s.port, s.target, s.path, s.funnel) for s in services}
+                  if services else {rc.desired_service(c.serve, c.port, c.target)})
         return rc.Desired(
             control_url=rc.normalize_control_url(self.ctx.control_url(c)),
-            hostname=c.hostname, tags=tuple(c.tags),
-            services=frozenset({rc.desired_service(c.serve, c.port, c.target)}))
+            hostname=c.hostname, tags=tuple(c.tags), services=frozenset(wanted))
+
+    def update_services(self, cfg: ProxyConfig) -> None:
+        """A changed [[serve]] set (nothing else changed): applied in place by
+        the next reconcile, without restarting tailscaled."""
+        self.cfg = cfg
+        self._note("config_changed", "serve config changed; applying it in place")
+        L = self._launch
+        if L is not None:
+            L.serve_retry_at = 0.0
+            L.dirty.set()
 
     def snapshot(self) -> ProxySnapshot:
         L = self._launch
@@ -319,7 +348,8 @@ class Proxy:
             self.restarts += 1
             self._restart_times.append(time.monotonic())
         if a is Action.STOP:  # stopped or failed means the children are gone: stop them first
-            await self._stop_children(logout=self.cfg.ephemeral and d.state is State.STOPPED)
+            await self._stop_children(logout=self.cfg.ephemeral and d.state is State.STOPPED,
+                                      clear_serve=d.state is State.STOPPED)
         if d.event:
             self._transition(d.state, d.event, reason)
         elif sig is Signal.DEGRADED and self.state is State.DEGRADED and reason != self.reason:
@@ -331,8 +361,8 @@ class Proxy:
             self._start_launch()
         elif a is Action.RECOVER or a is Action.REREGISTER:
             await self._stop_children()
-            await asyncio.to_thread(shutil.rmtree, self.statedir, True)
-            self._note("wiped", f"removed {self.statedir}" + (
+            await asyncio.to_thread(wipe_statedir, self.statedir)
+            self._note("wiped", f"removed {self.statedir}, kept its certs/" + (
                 "" if a is Action.RECOVER else " (config changed: login_server)"))
             self._start_launch()
         elif a is Action.REAUTH:
@@ -373,10 +403,14 @@ class Proxy:
         self.observed = None
         L.task = asyncio.create_task(self._launch_main(L), name=f"{self.cfg.name}-launch{L.gen}")
 
-    async def _stop_children(self, logout: bool = False) -> None:
+    async def _stop_children(self, logout: bool = False, clear_serve: bool = False) -> None:
         L = self._launch
         if L is None or L.task is None:
             return
+        if clear_serve and L.tailscaled and L.tailscaled.alive:
+            # stopped means stopped: no serve config left in the state for a later start to serve
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await self._cli(L, ts.serve_reset_command(self.ctx.bins, self.socket))
         if logout and L.tailscaled and L.tailscaled.alive:
             L.stopping = True
             await self._logout(L)
@@ -485,7 +519,6 @@ class Proxy:
         `reconcile_period` seconds, compare with the config, fix what can be fixed in
         place, and say whether the proxy is serving."""
         api = ts.LocalAPI(self.socket)
-        want = self.desired()
         assert L.tg is not None
         L.tg.create_task(self._watch_upstream(L))
         while not L.stopping:
@@ -503,7 +536,7 @@ class Proxy:
                 continue
             self.observed = obs
             try:
-                await self._act(L, api, want, obs)
+                await self._act(L, api, self.desired(), obs)
             except (OSError, ts.LocalAPIError, asyncio.IncompleteReadError) as e:
                 self.reason = f"tailscaled's LocalAPI does not answer: {e}"
 

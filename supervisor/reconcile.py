@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from supervisor.tailscale import TCP_MODES, WEB_MODES, BackendState, Observed, Service
+from supervisor.tailscale import (CAP_FUNNEL, CAP_HTTPS, TCP_MODES, WEB_MODES, BackendState, Observed,
+                                  Service, funnel_ports, port_in)
 
 # ipn.DefaultControlURL, and the names tailscale treats as the same control
 # (ipn/prefs.go: IsLoginServerSynonym).
@@ -104,10 +105,23 @@ def reconcile(want: Desired, seen: Observed) -> list[Difference]:
 
 def serve_preflight(want: Desired, seen: Observed) -> dict[Service, str]:
     """Services that cannot be served on this node whatever we retry, each
-    with its reason (as tailscale's own checks: ipn.NodeCanFunnel and the
-    CLI's HTTPS check need the `https` capability and cert domains)."""
+    with its reason, checked as tailscale itself checks them: HTTPS needs the
+    `https` capability and cert domains; Funnel needs HTTPS, the `funnel`
+    node attribute, and the port in the funnel-ports capability
+    (ipn.NodeCanFunnel, ipn.CheckFunnelPort; the words are tailscale's)."""
     refused: dict[Service, str] = {}
+    https = CAP_HTTPS in seen.capabilities and bool(seen.cert_domains)
     for s in want.services:
-        if s.mode in ("https", "tls-terminated-tcp") and not (seen.https_capable and seen.cert_domains):
+        if s.mode in ("https", "tls-terminated-tcp") and not https:
             refused[s] = "HTTPS certificates are not enabled on this tailnet"
+        elif s.funnel:
+            if not https:
+                refused[s] = "Funnel not available; HTTPS must be enabled"
+            elif CAP_FUNNEL not in seen.capabilities:
+                refused[s] = 'Funnel not available; "funnel" node attribute not set'
+            else:
+                allowed = funnel_ports(seen.capabilities)
+                if not port_in(allowed, s.port):
+                    refused[s] = (f"port {s.port} is not allowed for funnel"
+                                  + (f"; allowed ports are: {allowed}" if allowed else ""))
     return refused

@@ -419,7 +419,7 @@ class Observed:
     auth_url: str = ""             # status AuthURL: control wants an interactive login
     online: bool = False
     cert_domains: tuple[str, ...] = ()
-    https_capable: bool = False    # the node has the "https" capability
+    capabilities: frozenset[str] = frozenset()  # Self.CapMap keys and Self.Capabilities
     services: frozenset[Service] = frozenset()
     at: float = 0.0
 
@@ -448,10 +448,39 @@ def parse_observed(status: Any, prefs: Any, serve_config: Any, at: float) -> Obs
         auth_url=st.auth_url,
         online=st.online,
         cert_domains=_strs(s.get("CertDomains")),
-        https_capable="https" in caps,
+        capabilities=frozenset(caps),
         services=serve_services(serve_config),
         at=at,
     )
+
+
+CAP_HTTPS = "https"                                              # tailcfg.CapabilityHTTPS
+CAP_FUNNEL = "funnel"                                            # tailcfg.NodeAttrFunnel
+CAP_FUNNEL_PORTS = "https://tailscale.com/cap/funnel-ports"      # tailcfg.CapabilityFunnelPorts
+
+
+def funnel_ports(capabilities: frozenset[str]) -> str:
+    """The `ports=` list of the funnel-ports capability ("443,8443,10000"), or
+    "" when the node has none (ipn.CheckFunnelPort)."""
+    from urllib.parse import parse_qs, urlsplit
+    for cap in sorted(capabilities):
+        if cap.startswith(CAP_FUNNEL_PORTS + "?"):
+            ports = parse_qs(urlsplit(cap).query).get("ports", [""])[0]
+            if ports:
+                return ports
+    return ""
+
+
+def port_in(ports: str, port: int) -> bool:
+    """Is `port` in a funnel-ports list of ports and FIRST-LAST ranges?"""
+    for part in ports.split(","):
+        first, sep, last = part.partition("-")
+        try:
+            if (not sep and int(first) == port) or (sep and int(first) <= port <= int(last)):
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def serve_ports(cfg: Any) -> set[int]:

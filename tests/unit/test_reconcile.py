@@ -74,7 +74,7 @@ TABLE = [
     ("key expiry near", WANT, seen(key_expiry="2026-12-01T00:00:00Z"), []),
     ("other node id", WANT, seen(node_id="n2"), []),
     ("other IPs", WANT, seen(tailscale_ips=("100.64.0.9",)), []),
-    ("cert domains and https", WANT, seen(cert_domains=("x.ts.net",), https_capable=True), []),
+    ("cert domains and https", WANT, seen(cert_domains=("x.ts.net",), capabilities=frozenset({"https"})), []),
     ("other DNS name (control decides it)", WANT, seen(dns_name="jellyfin-1.tailnet.test"), []),
 ]
 
@@ -118,10 +118,30 @@ def test_control_urls_normalize_as_tailscale_compares_them(url, norm):
 def test_https_preflight_needs_the_capability_and_cert_domains():
     https = rc.desired_service("https", 443, "http://127.0.0.1:8096")
     w = want(services=frozenset({WEB, https}))
-    refused = rc.serve_preflight(w, seen(cert_domains=(), https_capable=False))
+    refused = rc.serve_preflight(w, seen(cert_domains=()))
     assert refused == {https: "HTTPS certificates are not enabled on this tailnet"}
-    assert rc.serve_preflight(w, seen(cert_domains=("x.ts.net",), https_capable=False)) == refused
-    assert rc.serve_preflight(w, seen(cert_domains=("x.ts.net",), https_capable=True)) == {}
+    assert rc.serve_preflight(w, seen(cert_domains=("x.ts.net",))) == refused
+    assert rc.serve_preflight(w, seen(cert_domains=("x.ts.net",), capabilities=frozenset({"https"}))) == {}
+
+
+FUNNEL = rc.desired_service("https", 443, "http://127.0.0.1:8096", funnel=True)
+PORTS = "https://tailscale.com/cap/funnel-ports?ports=443,8443,10000"
+
+
+@pytest.mark.parametrize("caps,domains,service,reason", [
+    ({"https", "funnel", PORTS}, ("x.ts.net",), FUNNEL, None),
+    (set(), (), FUNNEL, "HTTPS certificates are not enabled on this tailnet"),
+    ({"https"}, (), FUNNEL, "HTTPS certificates are not enabled on this tailnet"),
+    ({"https", PORTS}, ("x.ts.net",), FUNNEL, 'Funnel not available; "funnel" node attribute not set'),
+    ({"https", "funnel"}, ("x.ts.net",), FUNNEL, "port 443 is not allowed for funnel"),
+    ({"https", "funnel", "https://tailscale.com/cap/funnel-ports?ports=8443"}, ("x.ts.net",), FUNNEL,
+     "port 443 is not allowed for funnel; allowed ports are: 8443"),
+    ({"https", "funnel", "https://tailscale.com/cap/funnel-ports?ports=400-500"}, ("x.ts.net",), FUNNEL, None),
+])
+def test_funnel_preflight_as_tailscale_checks_it(caps, domains, service, reason):
+    w = want(services=frozenset({WEB, service}))
+    refused = rc.serve_preflight(w, seen(capabilities=frozenset(caps), cert_domains=domains))
+    assert refused == ({} if reason is None else {service: reason})
 
 
 # -- the serve config as tailscaled reports it (both releases write this shape) --
