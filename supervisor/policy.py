@@ -158,11 +158,14 @@ class BudgetRecord:
     spent_reason: str = ""
     spent_at: float = 0.0
     failed_reason: str = ""  # a proxy failed by auth stays failed across supervisor restarts
+    restored: bool = False   # this incident's one restore of tailscaled.state is used
+    wiped: bool = False      # this incident's one wipe is used
 
 
 class Budget:
-    """One wipe (or re-auth) per incident. Re-armed only by a healthy period,
-    an operator restart, or a config change (a new fingerprint)."""
+    """One recovery per incident: a re-auth, or at most one restore of a
+    corrupt state file and one wipe. Re-armed only by a healthy period, an
+    operator restart, or a config change (a new fingerprint)."""
 
     def __init__(self, path: Path, fingerprint: str):
         self.path = path
@@ -177,7 +180,11 @@ class Budget:
     def _load(self) -> BudgetRecord:
         try:
             raw = json.loads(self.path.read_text())
-            return BudgetRecord(**{k: raw[k] for k in BudgetRecord.__dataclass_fields__ if k in raw})
+            rec = BudgetRecord(**{k: raw[k] for k in BudgetRecord.__dataclass_fields__ if k in raw})
+            if not all(isinstance(getattr(rec, f), type(getattr(BudgetRecord(), f)))
+                       for f in BudgetRecord.__dataclass_fields__):
+                raise TypeError("wrong types")
+            return rec
         except (OSError, ValueError, TypeError):
             return BudgetRecord()
 
@@ -202,12 +209,31 @@ class Budget:
         self.record.armed = False
         self.record.spent_reason = reason
         self.record.spent_at = time.time()
+        self.record.restored = self.record.wiped = False
+        self._save()
+
+    @property
+    def may_restore(self) -> bool:
+        return not self.record.restored and not self.record.wiped
+
+    @property
+    def wipe_pending(self) -> bool:
+        """The incident restored state, and may still wipe once if that is rejected."""
+        return self.record.restored and not self.record.wiped
+
+    def mark_restored(self) -> None:
+        self.record.restored = True
+        self._save()
+
+    def mark_wiped(self) -> None:
+        self.record.wiped = True
         self._save()
 
     def rearm(self) -> None:
-        if not self.record.armed or self.record.failed_reason:
+        if not self.record.armed or self.record.failed_reason or self.record.restored or self.record.wiped:
             self.record.armed = True
             self.record.failed_reason = ""
+            self.record.restored = self.record.wiped = False
             self._save()
 
     def mark_failed(self, reason: str) -> None:

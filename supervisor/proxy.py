@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import shutil
 import time
@@ -28,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from supervisor import paths, policy, procs, upstream
+from supervisor import paths, policy, procs, statefile, upstream
 from supervisor import reconcile as rc
 from supervisor import tailscale as ts
 from supervisor.config import ProxyConfig, Settings
@@ -304,7 +305,8 @@ class Proxy:
             self._restart_times.popleft()
         return Facts(signal=sig, budget_armed=self.budget.armed,
                      recent_restarts=len(self._restart_times),
-                     start_limit=self.ctx.settings.start_limit)
+                     start_limit=self.ctx.settings.start_limit,
+                     wipe_pending=self.budget.wipe_pending)
 
     def _transition(self, state: State, event: str, reason: str) -> None:
         """The one place state changes; every change is an event."""
@@ -341,7 +343,7 @@ class Proxy:
         a = d.action
         if a is Action.LAUNCH and sig is Signal.START:
             self.budget.rearm()  # operator restart or changed config gives the budget back
-        if a is Action.RECOVER or a is Action.REAUTH:
+        if (a is Action.RECOVER or a is Action.REAUTH) and not self.budget.wipe_pending:
             self.budget.spend(reason)  # durable before anything is destroyed
             self.recoveries += 1
         if a is Action.SCHEDULE_RESTART:
@@ -361,6 +363,15 @@ class Proxy:
             self._start_launch()
         elif a is Action.RECOVER or a is Action.REREGISTER:
             await self._stop_children()
+            if a is Action.RECOVER and sig is Signal.CORRUPT_STATE and self.budget.may_restore:
+                what = await asyncio.to_thread(statefile.restore, self.statedir, self.dir / statefile.COPY_NAME)
+                if what:  # repair before wipe: the same node, name and IP
+                    self.budget.mark_restored()
+                    self._note("restored", what)
+                    self._start_launch()
+                    return
+            if a is Action.RECOVER:
+                self.budget.mark_wiped()
             await asyncio.to_thread(wipe_statedir, self.statedir)
             self._note("wiped", f"removed {self.statedir}, kept its certs/" + (
                 "" if a is Action.RECOVER else " (config changed: login_server)"))
@@ -595,6 +606,7 @@ class Proxy:
             if L.serve_error:
                 L.serve_error = ""
             self.post(L, Verdict(Signal.RUNNING, ", ".join(obs.tailscale_ips)))
+            await asyncio.to_thread(self._remember, obs)
             return
         reasons = [f"{s.describe()}: {why}" for s, why in sorted(refused.items())]
         reasons += [d.reason for d in diffs if not (d.kind is rc.Kind.SERVE and refused
@@ -602,6 +614,23 @@ class Proxy:
         if L.serve_error:
             reasons.append(L.serve_error)
         self.post(L, Verdict(Signal.DEGRADED, policy.whole("; ".join(reasons))))
+
+    def _remember(self, obs: ts.Observed) -> None:
+        """While serving: keep a copy of good state (whenever it changed) and
+        record who the node is (node.json: ID, DNS name, IPs), outside the
+        state dir, for a recovery that must keep the node's identity."""
+        try:
+            if statefile.keep_copy(self.statedir, self.dir / statefile.COPY_NAME):
+                self._note("state_kept", "kept a copy of tailscaled.state")
+            record = {"node_id": obs.node_id, "dns_name": obs.dns_name,
+                      "tailscale_ips": list(obs.tailscale_ips), "hostname": obs.hostname}
+            path = self.dir / "node.json"
+            if not path.exists() or json.loads(path.read_text() or "{}") != record:
+                tmp = path.with_name("node.json.new")
+                tmp.write_text(json.dumps(record))
+                os.replace(tmp, path)
+        except (OSError, ValueError):
+            pass  # a full disk costs the copy, never the proxy
 
     async def _apply_serve(self, L: Launch, services: frozenset[ts.Service]) -> str | None:
         """The serve config as one unit: reset, then one `tailscale serve --bg`

@@ -48,7 +48,7 @@ class Signal(Enum):
 class Action(Enum):
     NOTHING = "nothing"
     LAUNCH = "launch"                    # (stop anything left, then) start children
-    RECOVER = "recover"                  # spend budget, stop, repair or wipe statedir, relaunch
+    RECOVER = "recover"                  # spend budget, stop, restore (corrupt state) or wipe, relaunch
     REAUTH = "reauth"                    # spend budget, log in again in place (keeps name and IP)
     REREGISTER = "reregister"            # stop, fresh statedir, relaunch; budget untouched
     SCHEDULE_RESTART = "schedule_restart"  # stop children, relaunch after backoff (counts)
@@ -63,6 +63,7 @@ class Facts:
     budget_armed: bool = True   # the one recovery is still available
     recent_restarts: int = 0    # crash restarts inside the start window
     start_limit: int = 5
+    wipe_pending: bool = False  # this incident restored state; a rejection of it gets the one wipe
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ def decide(state: State, facts: Facts) -> Decision:
         return Decision(Action.REREGISTER, State.STARTING, "reregistering")
 
     if s in (Signal.AUTH_FAILURE, Signal.CORRUPT_STATE, Signal.KEY_EXPIRED):
+        if state is State.RECOVERING and facts.wipe_pending and s is not Signal.KEY_EXPIRED:
+            return Decision(Action.RECOVER, State.RECOVERING, "recovering")  # the restored state failed: wipe
         if state is State.RECOVERING or not facts.budget_armed:
             return Decision(Action.STOP, State.FAILED,
                             "recovery_failed" if state is State.RECOVERING else "failed")

@@ -1,7 +1,7 @@
 """The whole recovery policy as a table: (state, signal, budget, restarts) -> (action, next state)."""
 import pytest
 
-from supervisor.states import Action, Facts, Signal, State, decide
+from supervisor.states import Action, Decision, Facts, Signal, State, decide
 
 S, A, G = State, Action, Signal
 LIMIT = 5
@@ -76,6 +76,19 @@ TABLE = [
     (S.BACKOFF,    G.AUTH_FAILURE,    True,  1,   A.NOTHING,          S.BACKOFF,    ""),
     (S.BACKOFF,    G.CRASH,           True,  1,   A.NOTHING,          S.BACKOFF,    ""),
 ]
+
+
+def test_a_restored_state_that_is_rejected_gets_the_one_wipe_then_failed():
+    """Repair before wipe: at most one restore and one wipe per incident."""
+    restore_rejected = Facts(Signal.AUTH_FAILURE, budget_armed=False, wipe_pending=True)
+    assert decide(State.RECOVERING, restore_rejected) == Decision(Action.RECOVER, State.RECOVERING, "recovering")
+    corrupt_again = Facts(Signal.CORRUPT_STATE, budget_armed=False, wipe_pending=True)
+    assert decide(State.RECOVERING, corrupt_again).action is Action.RECOVER
+    wiped_rejected = Facts(Signal.AUTH_FAILURE, budget_armed=False, wipe_pending=False)
+    assert decide(State.RECOVERING, wiped_rejected) == Decision(Action.STOP, State.FAILED, "recovery_failed")
+    # an expired key is re-authenticated, never wiped
+    assert decide(State.RECOVERING, Facts(Signal.KEY_EXPIRED, budget_armed=False, wipe_pending=True)
+                  ).state is State.FAILED
 
 
 @pytest.mark.parametrize("state,signal,armed,restarts,action,next_state,event", TABLE,

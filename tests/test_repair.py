@@ -1,0 +1,90 @@
+"""Corrupt state is repaired before it is wiped: the node, its name and its
+IP survive a power cut that truncated tailscaled.state."""
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from tests.test_supervisor import run_proxy
+
+pytestmark = pytest.mark.real
+
+
+def use_bins(sup, bins) -> None:
+    sup.settings.update(tailscale=str(bins.tailscale), tailscaled=str(bins.tailscaled))
+
+
+def app_events(sup, after: int) -> list[str]:
+    return [e["event"] for e in sup.events()[after:] if e["proxy"] == "app"]
+
+
+def _identity(sup, control) -> tuple:
+    st = sup.status()["app"]
+    return control.node_named("app")["id"], st["dns_name"], tuple(st["tailscale_ips"])
+
+
+def test_a_zero_byte_state_with_an_intact_tmp_beside_it_keeps_the_node(sup, control, tmp_path, any_bins):
+    use_bins(sup, any_bins)
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    before = _identity(sup, control)
+    assert sup.stop() == 0
+    state = sup.data_dir / "proxies" / "app" / "state" / "tailscaled.state"
+    shutil.copy(state, state.with_name("tailscaled.state.tmp4242"))  # the write a power cut interrupted
+    state.write_bytes(b"")
+    (sup.data_dir / "proxies" / "app" / "tailscaled.state.good").unlink()  # only the .tmp can help
+    n = len(sup.events())
+    t0 = time.monotonic()
+    sup.start()
+    sup.wait_state("app", "running", 30, after=n)
+    assert _identity(sup, control) == before
+    assert "restored" in app_events(sup, n) and "wiped" not in app_events(sup, n)
+    assert [x["hostname"] for x in control.nodes()] == ["app"]  # no new node
+    assert not [e for e in control.events(t0) if e["kind"] == "register_ok" and "key" in e]
+
+
+def test_a_zero_byte_state_alone_is_restored_from_the_copy_kept_while_running(sup, control, tmp_path, any_bins):
+    use_bins(sup, any_bins)
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    before = _identity(sup, control)
+    copy = sup.data_dir / "proxies" / "app" / "tailscaled.state.good"
+    assert copy.stat().st_mode & 0o777 == 0o600  # private keys: the state dir's protection
+    assert sup.stop() == 0
+    (sup.data_dir / "proxies" / "app" / "state" / "tailscaled.state").write_bytes(b"")
+    n = len(sup.events())
+    sup.start()
+    sup.wait_state("app", "running", 30, after=n)
+    assert _identity(sup, control) == before
+    assert "restored" in app_events(sup, n) and "wiped" not in app_events(sup, n)
+    assert sup.status()["app"]["recoveries"] == 1
+
+
+def test_a_restored_state_that_is_rejected_gets_the_one_wipe(sup, control, tmp_path):
+    """The copy is of a node deleted meanwhile: restore, the control says 404,
+    then the incident's one wipe, then a new node. Never a loop."""
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    assert sup.stop() == 0
+    control.admin("delete_node", id=control.node_named("app")["id"])
+    (sup.data_dir / "proxies" / "app" / "state" / "tailscaled.state").write_bytes(b"")
+    n = len(sup.events())
+    sup.start()
+    sup.wait_state("app", "running", 40, after=n)
+    evs = app_events(sup, n)
+    assert evs.index("restored") < evs.index("wiped") and evs.count("wiped") == 1
+    assert sup.status()["app"]["recoveries"] == 1  # one incident
+
+
+def test_state_that_is_not_plaintext_is_never_taken_for_good(sup, control, tmp_path):
+    """1.96.4's TPM migration leaves a .tmp of another format: it does not count."""
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    assert sup.stop() == 0
+    (sup.data_dir / "proxies" / "app" / "tailscaled.state.good").unlink()
+    state = sup.data_dir / "proxies" / "app" / "state" / "tailscaled.state"
+    state.with_name("tailscaled.state.tmp77").write_text('{"key": {}, "nonce": "AA==", "data": "AA=="}')
+    state.write_bytes(b"")
+    n = len(sup.events())
+    sup.start()
+    sup.wait_state("app", "running", 40, after=n)
+    evs = app_events(sup, n)
+    assert "restored" not in evs and evs.count("wiped") == 1

@@ -1,0 +1,55 @@
+"""What counts as good tailscaled.state, the kept copy, and the restore order."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+from supervisor import statefile
+
+GOOD = json.dumps({"_machinekey": base64.b64encode(b"mkey:abc").decode(),
+                   "_current-profile": base64.b64encode(b"profile-1").decode(),
+                   "profile-1": base64.b64encode(b'{"ControlURL": "x"}').decode()}).encode()
+
+
+def test_good_state_needs_a_machine_key_and_the_current_profile():
+    assert statefile.is_good_state(GOOD)
+    data = json.loads(GOOD)
+    for broken in ({k: v for k, v in data.items() if k != "_machinekey"},
+                   {k: v for k, v in data.items() if k != "profile-1"},
+                   {**data, "_current-profile": "!!notbase64"},
+                   {"key": {}, "nonce": "AA==", "data": "AA=="}):
+        assert not statefile.is_good_state(json.dumps(broken).encode())
+    for raw in (b"", b"{", b"[1]", b"null", b"[" * 10000):
+        assert not statefile.is_good_state(raw)
+
+
+def test_only_the_newest_good_state_is_kept_0600(tmp_path):
+    sd, copy = tmp_path / "state", tmp_path / "tailscaled.state.good"
+    sd.mkdir()
+    (sd / "tailscaled.state").write_bytes(b"")
+    assert not statefile.keep_copy(sd, copy) and not copy.exists()
+    (sd / "tailscaled.state").write_bytes(GOOD)
+    assert statefile.keep_copy(sd, copy) and copy.read_bytes() == GOOD
+    assert os.stat(copy).st_mode & 0o777 == 0o600
+    assert not statefile.keep_copy(sd, copy)  # unchanged: nothing written
+    newer = GOOD.replace(b"}", b', "x": "eA=="}')
+    (sd / "tailscaled.state").write_bytes(newer)
+    assert statefile.keep_copy(sd, copy) and copy.read_bytes() == newer
+
+
+def test_restore_prefers_an_intact_tmp_then_the_copy_then_nothing(tmp_path):
+    sd, copy = tmp_path / "state", tmp_path / "tailscaled.state.good"
+    sd.mkdir()
+    (sd / "tailscaled.state").write_bytes(b"")
+    assert statefile.restore(sd, copy) is None
+    copy.write_bytes(GOOD.replace(b"}", b', "from": "Y29weQ=="}'))
+    (sd / "tailscaled.state.tmp1").write_bytes(b"{half")
+    (sd / "tailscaled.state.tmp2").write_bytes(GOOD)
+    assert "tmp2" in statefile.restore(sd, copy)
+    assert (sd / "tailscaled.state").read_bytes() == GOOD
+    for t in sd.glob("tailscaled.state.tmp*"):
+        t.unlink()
+    (sd / "tailscaled.state").write_bytes(b"")
+    assert "copy" in statefile.restore(sd, copy)
+    assert b"from" in (sd / "tailscaled.state").read_bytes()
