@@ -1,24 +1,69 @@
-"""An optional Prometheus text endpoint on loopback: GET /metrics.
+"""An optional HTTP endpoint on loopback: Prometheus text at /metrics, health at /healthz.
 
-Per proxy: its state (one series per state, 1 for the current one), restarts,
-recoveries, a histogram of detection latency (a signal seen -> the state
-changed), the RSS of its children, and the last upstream probe
+Served whenever the settings file has `metrics = "127.0.0.1:PORT"`.
+
+GET /metrics: per proxy, its state (one series per state, 1 for the current
+one), restarts, recoveries, a histogram of detection latency (a signal seen ->
+the state changed), the RSS of its children, and the last upstream probe
 (`upstream_up` 1/0 and `upstream_info{result=...}`, both absent until the
-first probe; results: supervisor.upstream). Rendering is a pure function of
-snapshots so it is tested without a socket.
+first probe; results: supervisor.upstream).
+
+GET /healthz: the fleet, for a NAS, a reverse proxy or an uptime monitor.
+  200 when every proxy that should run is `running`; 503 otherwise. Proxies the
+  operator stopped (state `stopped`) are listed but do not count, so a fleet
+  with none that should run is healthy. Body (application/json), both codes:
+    {"healthy": bool,
+     "proxies": [{"name": str, "state": str, "reason": str, "upstream": str|null}]}
+  in name order. `reason`: why the proxy is not running (its reason, else its
+  last error; "" for a running proxy), secrets redacted. `upstream`: the last
+  probe of its target ("ok", "refused", ...; null before the first), shown
+  only: a failing upstream is not a proxy state and does not make the proxy
+  unhealthy.
+GET /healthz/NAME: the same for one proxy, whatever its state: 200 if it is
+  `running`, 503 if not (`stopped` included), with the same body listing just
+  it. 404 with {"error": str} when no proxy is named NAME (taken as it appears
+  in the path, not percent-decoded; echoed only when it looks like a proxy name).
+
+`degraded`, `starting`, `recovering`, `backoff` and `failed` are all unhealthy.
+A control-plane outage alone is not: the node keeps serving its peers, and the
+supervisor leaves such a proxy `running` (containerboot declined to base its
+/healthz on `Online` for the same reason).
+
+HEAD is answered like GET, without the body. Whatever else a client sends costs
+that one connection, with a 4xx and `Connection: close`: 400 for a request head
+that is not HTTP/1.x, 404 for any other path, 405 for another method, 408 when
+the head takes longer than HEAD_TIMEOUT, 431 when it exceeds MAX_HEAD bytes.
+Beyond MAX_CONNECTIONS at once, a connection gets 503 at once. Rendering and
+the health verdict are pure functions of snapshots, tested without a socket.
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from http import HTTPStatus
 
 import psutil
 
+from supervisor.events import redact
 from supervisor.proxy import ProxySnapshot
-from supervisor.states import State
+from supervisor.states import HEALTHY_STATES, State
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+MAX_HEAD = 16 << 10       # bytes of request line and headers, the blank line included
+HEAD_TIMEOUT = 5.0        # seconds a client has to send them
+LINGER = 1.0              # seconds to read what a client still sends after its answer
+MAX_CONNECTIONS = 32      # served at once; more get a 503 without being read
+METRICS_TYPE = "text/plain; version=0.0.4"
+JSON_TYPE = "application/json"
+TEXT_TYPE = "text/plain"
+_HEALTHY = {s.value for s in HEALTHY_STATES}
+_ECHOABLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")  # a proxy name (config.py's grammar)
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")      # an HTTP method (RFC 9110 token)
+_TARGET = re.compile(rb"[\x21-\x7e]+")                    # visible ASCII, no spaces
+_VERSION = re.compile(rb"HTTP/1\.[0-9]")
 
 
 def _label(value: str) -> str:
@@ -78,8 +123,79 @@ def render(snaps: Sequence[ProxySnapshot], detections: Mapping[str, Iterable[flo
     return "\n".join(out) + "\n"
 
 
+def health_entry(s: ProxySnapshot) -> dict[str, str | None]:
+    """One proxy in a /healthz body (shape: the module docstring)."""
+    reason = s.reason or ("" if s.state in _HEALTHY else s.last_error)  # not a healed error
+    return {"name": s.name, "state": s.state, "reason": redact(reason),
+            "upstream": None if s.upstream is None else redact(s.upstream)}
+
+
+def health(snaps: Sequence[ProxySnapshot], name: str | None = None) -> tuple[int, dict]:
+    """The /healthz verdict: (HTTP status, JSON body) for the fleet (name None)
+    or for the proxy `name`. Codes and shapes: the module docstring."""
+    if name is None:
+        counted = [s for s in snaps if s.state != State.STOPPED.value]
+        healthy = all(s.state in _HEALTHY for s in counted)
+        return (200 if healthy else 503), {"healthy": healthy,
+                                           "proxies": [health_entry(s) for s in snaps]}
+    one = next((s for s in snaps if s.name == name), None)
+    if one is None:
+        shown = f"no proxy named {name}" if _ECHOABLE.fullmatch(name) else "no such proxy"
+        return 404, {"error": shown}
+    healthy = one.state in _HEALTHY
+    return (200 if healthy else 503), {"healthy": healthy, "proxies": [health_entry(one)]}
+
+
+class Refused(Exception):
+    """A request the endpoint refuses: `status` (4xx) and a one-line reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def parse_head(head: bytes) -> tuple[str, str]:
+    """(method, path) from an HTTP/1.x request head (request line, headers, blank
+    line); the path without its query. Raises Refused: 400 for anything that is
+    not such a request line, 405 for a method other than GET or HEAD."""
+    parts = head.split(b"\r\n", 1)[0].split()
+    if len(parts) != 3 or not _VERSION.fullmatch(parts[2]) or not _TOKEN.fullmatch(parts[0]):
+        raise Refused(400, "not an HTTP/1.x request line")
+    method, target = parts[0].decode(), parts[1]
+    if not _TARGET.fullmatch(target):
+        raise Refused(400, "bad request target")
+    if target.startswith((b"http://", b"https://")):  # absolute form, as proxies send it
+        target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
+    if not target.startswith(b"/"):
+        raise Refused(400, "bad request target")
+    if method not in ("GET", "HEAD"):
+        raise Refused(405, f"method {method} not allowed")
+    return method, target.split(b"?", 1)[0].decode()
+
+
+def response(status: int, ctype: str, body: bytes, head_only: bool = False) -> bytes:
+    """One whole HTTP/1.1 response that closes the connection."""
+    extra = "Allow: GET, HEAD\r\n" if status == 405 else ""
+    return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{extra}"
+            "Connection: close\r\n\r\n").encode() + (b"" if head_only else body)
+
+
+def _json(status: int, body: dict) -> tuple[int, str, bytes]:
+    return status, JSON_TYPE, json.dumps(body).encode() + b"\n"  # ASCII: every control byte escaped
+
+
+def route(path: str, snaps: Sequence[ProxySnapshot]) -> tuple[int, str, bytes]:
+    """(status, content type, body) for a GET of `path` other than /metrics."""
+    if path == "/healthz":
+        return _json(*health(snaps))
+    if path.startswith("/healthz/"):
+        return _json(*health(snaps, path.removeprefix("/healthz/")))
+    return 404, TEXT_TYPE, b"not found\n"
+
+
 class MetricsServer:
-    """Serves render() on a loopback address; anything but GET /metrics is a 404."""
+    """Serves /metrics and /healthz on a loopback address (the module docstring)."""
 
     def __init__(self, listen: str,
                  collect: Callable[[], tuple[Sequence[ProxySnapshot], Mapping[str, Iterable[float]]]]
@@ -90,9 +206,10 @@ class MetricsServer:
             raise ValueError(f"metrics must listen on loopback, not {self.host}")
         self.collect = collect  # called on the loop: snapshots and detection latencies
         self._server: asyncio.Server | None = None
+        self._open = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=MAX_HEAD)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -100,22 +217,52 @@ class MetricsServer:
             self._server.close()
             await self._server.wait_closed()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _answer(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The response to the one request on this connection; None if the client
+        left before sending one."""
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            line = head.split(b"\r\n", 1)[0].split()
-            if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
-                snaps, detections = self.collect()
-                rss = await asyncio.to_thread(lambda: {s.name: children_rss(s) for s in snaps})
-                body = render(snaps, detections, rss).encode()
-                status, ctype = b"200 OK", b"text/plain; version=0.0.4"
-            else:
-                body, status, ctype = b"not found\n", b"404 Not Found", b"text/plain"
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype +
-                         b"\r\nContent-Length: " + str(len(body)).encode() +
-                         b"\r\nConnection: close\r\n\r\n" + body)
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            pass
+            async with asyncio.timeout(HEAD_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            method, path = parse_head(head)
+        except asyncio.IncompleteReadError as e:
+            return response(400, TEXT_TYPE, b"incomplete request\n") if e.partial.strip() else None
+        except asyncio.LimitOverrunError:
+            return response(431, TEXT_TYPE, b"request head too large\n")
+        except TimeoutError:
+            return response(408, TEXT_TYPE, b"request head too slow\n")
+        except Refused as e:
+            return response(e.status, TEXT_TYPE, str(e).encode() + b"\n")
+        snaps, detections = self.collect()
+        if path == "/metrics":
+            rss = await asyncio.to_thread(lambda: {s.name: children_rss(s) for s in snaps})
+            status, ctype, body = 200, METRICS_TYPE, render(snaps, detections, rss).encode()
+        else:
+            status, ctype, body = route(path, snaps)
+        return response(status, ctype, body, head_only=method == "HEAD")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection, one request, one answer, close. Never raises (but for
+        cancellation): whatever the client sends or does costs only this connection."""
+        self._open += 1
+        try:
+            if self._open > MAX_CONNECTIONS:
+                writer.write(response(503, TEXT_TYPE, b"too many connections\n"))
+                return
+            answer = await self._answer(reader)
+            if answer is not None:
+                writer.write(answer)
+                await writer.drain()
+                # Read what the client still sends before closing, so that the answer
+                # is not lost to the reset that closing with unread data causes.
+                writer.write_eof()
+                async with asyncio.timeout(LINGER):
+                    while await reader.read(MAX_HEAD):
+                        pass
+        except (OSError, RuntimeError, TimeoutError):
+            pass  # the client went away, or would not stop sending
         finally:
-            writer.close()
+            self._open -= 1
+            try:
+                writer.close()
+            except (OSError, RuntimeError):
+                pass
