@@ -13,13 +13,19 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 EMBEDDED = "embedded"
-SERVE_MODES = ("http", "https", "tcp")
+WEB_MODES = ("http", "https")
+TCP_MODES = ("tcp", "tls-terminated-tcp")
+SERVE_MODES = WEB_MODES + TCP_MODES  # as `tailscale serve` names them (--http=, --tcp=, ...)
+FUNNEL_PORTS = (443, 8443, 10000)    # the ports tailscale's Funnel allows (ipn.CheckFunnelPort)
+MAX_SERVICES = 32                    # [[serve]] tables per proxy
+SERVICE_KEYS = ("port", "mode", "target", "path", "funnel")
 # what `tailscale serve` forwards to (ipn.ExpandProxyTargetValue), besides unix:/PATH
 TARGET_SCHEMES = ("http", "https", "https+insecure", "tcp")
 UNIX_TARGET_SINCE = (1, 94, 0)
@@ -127,8 +133,22 @@ class ConfigError:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    """One thing a proxy serves: tailnet-side `port` (and `path`, for web
+    modes) forwarded to `target`, as one `tailscale serve --MODE=PORT` does."""
+
+    port: int          # tailnet-side port, 1-65535
+    mode: str          # "http" | "https" | "tcp" | "tls-terminated-tcp"
+    target: str        # http://, https://, https+insecure://, tcp://HOST:PORT, or unix:/ABS/PATH
+    path: str = "/"    # mount path for http/https ("/" default); "" for tcp modes
+    funnel: bool = False  # only on https, on a port in FUNNEL_PORTS
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
-    """One proxy: a tailscaled node named `hostname` serving `target` on `port`."""
+    """One proxy: a tailscaled node named `hostname` serving `services`.
+    `target`, `serve` and `port` are the first service's (for display and
+    callers that know one service)."""
 
     name: str
     path: Path
@@ -141,6 +161,7 @@ class ProxyConfig:
     auth_key_env: str | None = None
     ephemeral: bool = False
     tags: tuple[str, ...] = ()
+    services: tuple[ServiceConfig, ...] = ()  # sorted by (port, path); never empty when loaded
 
     @property
     def embedded(self) -> bool:
@@ -162,10 +183,12 @@ class ProxyConfig:
 
     def fingerprint(self) -> str:
         """Changes whenever anything that shapes the node changes; a changed
-        fingerprint restarts the proxy and re-arms its recovery budget."""
+        fingerprint restarts the proxy and re-arms its recovery budget. What
+        it serves is not part of it: a changed `services` tuple (compare them
+        with ==) is applied in place, without restarting tailscaled."""
         h = hashlib.sha256()
         for f in fields(self):
-            if f.name != "path":
+            if f.name not in _NOT_FINGERPRINTED:
                 h.update(f"{f.name}={getattr(self, f.name)!r};".encode())
         return h.hexdigest()[:16]
 
@@ -181,6 +204,7 @@ class ProxyConfig:
         raise LookupError(f"{self.path}: no auth key configured")
 
 
+_NOT_FINGERPRINTED = {"path", "services", "target", "serve", "port"}
 _PROXY_KEYS = {"hostname", "target", "serve", "port", "login_server", "auth_key_file",
                "auth_key_env", "ephemeral", "tags"}
 
@@ -195,15 +219,56 @@ class _Errors:
 
 
 def _typed(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], errs: _Errors,
-           what: str) -> Any:
+           what: str, label: str | None = None) -> Any:
+    """raw[key] if it is a `kind`, else None (and an error on `label`, default `key`)."""
     value = raw.get(key)
     if value is None:
         return None
     # bool is an int in Python; a port of `true` is still a mistake
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        errs.add(key, f"must be {what}, got {type(value).__name__} {show(value)}")
+        errs.add(label or key, f"must be {what}, got {type(value).__name__} {show(value)}")
         return None
     return value
+
+
+def _version(v: tuple[int, ...]) -> str:
+    return ".".join(map(str, v))
+
+
+def target_problem(target: str, tailscale_version: tuple[int, ...] | None = None) -> str | None:
+    """Why `target` is not something `tailscale serve` forwards to (an
+    http://, https://, https+insecure:// or tcp:// URL with a port, or
+    unix:/ABSOLUTE/PATH on tailscale 1.94 or later), or None if it is one."""
+    if target.startswith("unix:"):
+        # tailscale serve proxies HTTP to a unix socket from 1.94 (ipn.ExpandProxyTargetValue)
+        sock = target[len("unix:"):]
+        if not sock.startswith("/") or not sock.isprintable() or len(os.fsencode(sock)) > 107:
+            return f"{show(target)} must be unix:/ABSOLUTE/PATH of a socket (at most 107 bytes)"
+        if tailscale_version is not None and tailscale_version < UNIX_TARGET_SINCE:
+            return (f"unix: upstreams need tailscale {_version(UNIX_TARGET_SINCE)} or later; "
+                    f"this tailscale is {_version(tailscale_version)}")
+        return None
+    problem = url_problem(target, TARGET_SCHEMES)
+    if problem is None and urlsplit(target).scheme == "tcp" and not urlsplit(target).port:
+        problem = f"{show(target)} needs a valid port (1-65535)"
+    return problem
+
+
+_URL_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
+
+
+def mount_problem(mount: str) -> str | None:
+    """Why `mount` is not a mount path `tailscale serve --set-path` keeps as
+    given ("/", "/api", "/api/"), or None if it is one."""
+    if not mount.startswith("/"):
+        return f"{show(mount)} must start with \"/\" (e.g. \"/api\")"
+    if not _URL_PATH_RE.fullmatch(mount):
+        return (f"{show(mount)} must be a plain URL path: letters, digits and -._~!$&'()*+,;=:@/ "
+                "(no spaces, ?, # or %XX: mounts match the decoded path)")
+    inner = mount[1:].removesuffix("/").split("/")
+    if mount != "/" and any(seg in ("", ".", "..") for seg in inner):
+        return f"{show(mount)} must not contain \"//\", \"/./\" or \"/../\" (tailscale refuses it)"
+    return None
 
 
 def parse_proxy(path: Path, raw: dict[str, Any], tailscale_version: tuple[int, ...] | None = None
@@ -225,60 +290,12 @@ def parse_proxy(path: Path, raw: dict[str, Any], tailscale_version: tuple[int, .
     if hostname is not None and not _HOST_RE.match(hostname):
         errs.add("hostname", f"{show(hostname)} is not a DNS label (a-z, 0-9, '-', at most 63)")
 
-    target = _typed(raw, "target", str, errs, "a URL string")
-    target_scheme = None
-    target_port = None
-    if "target" not in raw:
-        errs.add("target", "missing (e.g. target = \"http://127.0.0.1:8096\")")
-    elif target is not None and target.startswith("unix:"):
-        # tailscale serve proxies HTTP to a unix socket from 1.94 (ipn.ExpandProxyTargetValue)
-        sock = target[len("unix:"):]
-        if not sock.startswith("/") or not sock.isprintable() or len(os.fsencode(sock)) > 107:
-            errs.add("target", f"{show(target)} must be unix:/ABSOLUTE/PATH of a socket (at most 107 bytes)")
-        elif tailscale_version is not None and tailscale_version < UNIX_TARGET_SINCE:
-            errs.add("target", "unix: upstreams need tailscale "
-                               f"{'.'.join(map(str, UNIX_TARGET_SINCE))} or later; this tailscale is "
-                               f"{'.'.join(map(str, tailscale_version))}")
-        else:
-            target_scheme = "unix"
-    elif target is not None:
-        problem = url_problem(target, TARGET_SCHEMES)
-        if problem is None:
-            parts = urlsplit(target)
-            target_port = parts.port
-            if parts.scheme == "tcp" and not target_port:
-                problem = f"{show(target)} needs a valid port (1-65535)"
-            else:
-                target_scheme = parts.scheme
-        if problem:
-            errs.add("target", problem)
-
-    serve = _typed(raw, "serve", str, errs, "a string")
-    if serve is None and "serve" not in raw and target_scheme:
-        serve = "tcp" if target_scheme == "tcp" else "http"
-    if serve is not None and serve not in SERVE_MODES:
-        errs.add("serve", f"{show(serve)} must be one of {', '.join(SERVE_MODES)}")
-        serve = None
-    if serve and target_scheme:
-        if (serve == "tcp") != (target_scheme == "tcp"):
-            errs.add("serve", f"serve = {serve!r} does not fit a {target_scheme}:// target")
-
-    port = _typed(raw, "port", int, errs, "an integer")
-    if port is None and "port" not in raw and serve:
-        port = {"http": 80, "https": 443}.get(serve, target_port or None)
-    if port is not None and not 1 <= port <= 65535:
-        errs.add("port", f"{show(port)} is not a port (1-65535)")
-    if port is None and "port" not in raw and serve == "tcp":
-        errs.add("port", "missing (the tailnet-side port)")
-
     login_server = _typed(raw, "login_server", str, errs, "a URL string or \"embedded\"")
     if login_server is not None and login_server != EMBEDDED:
         if url_problem(login_server, ("http", "https")):
             errs.add("login_server", f"{show(login_server)} must be \"embedded\" or an "
                                      "http(s)://HOST[:PORT] URL")
-    if serve == "https" and login_server == EMBEDDED:
-        errs.add("serve", "\"https\" needs a tailnet that issues certificates; the embedded "
-                          "control does not (use serve = \"http\")")
+    services = _parse_services(raw, errs, login_server == EMBEDDED, tailscale_version)
 
     key_file = _typed(raw, "auth_key_file", str, errs, "a path string")
     key_env = _typed(raw, "auth_key_env", str, errs, "an environment variable name")
@@ -317,10 +334,153 @@ def parse_proxy(path: Path, raw: dict[str, Any], tailscale_version: tuple[int, .
 
     if errs.items:
         return None, errs.items
+    first = services[0]
     return ProxyConfig(
-        name=name, path=path, hostname=hostname, target=target, serve=serve, port=port,
-        login_server=login_server, auth_key_file=key_path, auth_key_env=key_env,
-        ephemeral=bool(ephemeral), tags=tags), []
+        name=name, path=path, hostname=hostname, target=first.target, serve=first.mode,
+        port=first.port, login_server=login_server, auth_key_file=key_path, auth_key_env=key_env,
+        ephemeral=bool(ephemeral), tags=tags, services=services), []
+
+
+def _parse_services(raw: dict[str, Any], errs: _Errors, embedded: bool,
+                    version: tuple[int, ...] | None) -> tuple[ServiceConfig, ...]:
+    """The services a file declares: its [[serve]] tables, or the one the
+    top-level target/serve/port keys make. Errors go to `errs`, each on
+    `serve[N].KEY` (N counts tables from 1) or, for the one-target form, the
+    top-level key; the result is sorted by (port, path) and empty if any is bad."""
+    tables = raw.get("serve")
+    if isinstance(tables, dict):
+        errs.add("serve", "must be a mode string or [[serve]] tables; write [[serve]] "
+                          "(an array of tables), not [serve]")
+        return ()
+    if not isinstance(tables, list):  # the one-target form
+        if "target" not in raw:
+            errs.add("target", "missing (e.g. target = \"http://127.0.0.1:8096\", or [[serve]] tables)")
+            return ()
+        old = {k: raw[k] for k in ("target", "serve", "port") if k in raw}
+        if "serve" in old and not isinstance(old["serve"], str):
+            errs.add("serve", "must be a mode string or [[serve]] tables, got "
+                              f"{type(old['serve']).__name__} {show(old['serve'])}")
+            del old["serve"]
+        one = _parse_service({"mode" if k == "serve" else k: v for k, v in old.items()},
+                             lambda k: "serve" if k == "mode" else k, errs, embedded, version)
+        return (one,) if one else ()
+
+    for key in ("target", "port"):
+        if key in raw:
+            errs.add(key, "give top-level target/serve/port (one service) or [[serve]] tables, "
+                          "not both")
+            break
+    if not tables:
+        errs.add("serve", "no services: give at least one [[serve]] table")
+        return ()
+    if len(tables) > MAX_SERVICES:
+        errs.add("serve", f"{len(tables)} [[serve]] tables; at most {MAX_SERVICES} per proxy")
+        return ()
+    found: list[tuple[int, ServiceConfig]] = []
+    for i, table in enumerate(tables, 1):
+        where = f"serve[{i}]"
+        if not isinstance(table, dict):
+            errs.add(where, f"must be a table ({', '.join(SERVICE_KEYS)}), "
+                            f"got {type(table).__name__} {show(table)}")
+            continue
+        one = _parse_service(table, lambda k, w=where: f"{w}.{k}", errs, embedded, version)
+        if one is not None:
+            found.append((i, one))
+
+    # Across services: what one tailnet port can carry.
+    first_on_port: dict[int, tuple[int, ServiceConfig]] = {}
+    mounts: dict[tuple[int, str], int] = {}
+    ok = len(found) == len(tables)
+    for i, svc in found:
+        where = f"serve[{i}]"
+        j, other = first_on_port.setdefault(svc.port, (i, svc))
+        web, other_web = svc.mode in WEB_MODES, other.mode in WEB_MODES
+        if web != other_web:
+            errs.add(f"{where}.mode", f"port {svc.port} already carries {other.mode} (serve[{j}]); "
+                                      "a port carries web (http, https) or TCP (tcp, "
+                                      "tls-terminated-tcp), never both")
+        elif web and svc.mode != other.mode:
+            errs.add(f"{where}.mode", f"port {svc.port} is {other.mode} in serve[{j}]; one port "
+                                      "serves http or https, not both")
+        elif (svc.port, svc.path) in mounts:
+            what = f"path {svc.path!r} on port {svc.port}" if web else f"port {svc.port}"
+            errs.add(f"{where}.{'path' if web else 'port'}",
+                     f"{what} is already served by serve[{mounts[svc.port, svc.path]}]")
+        elif svc.funnel != other.funnel:
+            errs.add(f"{where}.funnel", f"port {svc.port} has funnel = {str(other.funnel).lower()} "
+                                        f"in serve[{j}]; Funnel is on or off for a whole port")
+        else:
+            mounts[svc.port, svc.path] = i
+            continue
+        ok = False
+    if not ok:
+        return ()
+    return tuple(sorted((svc for _, svc in found), key=lambda s: (s.port, s.path)))
+
+
+def _parse_service(t: dict[str, Any], label: Callable[[str], str], errs: _Errors, embedded: bool,
+                   version: tuple[int, ...] | None) -> ServiceConfig | None:
+    """One service from its keys (port, mode, target, path, funnel), or None
+    after adding its errors; `label(key)` names a key in an error line."""
+    before = len(errs.items)
+    for key in sorted(set(t) - set(SERVICE_KEYS)):
+        errs.add(label(show_key(key)), f"unknown key (known: {', '.join(sorted(SERVICE_KEYS))})")
+
+    target = _typed(t, "target", str, errs, "a URL string", label("target"))
+    scheme = None
+    if "target" not in t:
+        errs.add(label("target"), "missing (e.g. target = \"http://127.0.0.1:8096\")")
+    elif target is not None:
+        problem = target_problem(target, version)
+        if problem:
+            errs.add(label("target"), problem)
+        else:
+            scheme = "unix" if target.startswith("unix:") else urlsplit(target).scheme
+
+    mode = _typed(t, "mode", str, errs, "a string", label("mode"))
+    if mode is None and "mode" not in t and scheme:
+        mode = "tcp" if scheme == "tcp" else "http"
+    if mode is not None and mode not in SERVE_MODES:
+        errs.add(label("mode"), f"{show(mode)} must be one of {', '.join(SERVE_MODES)}")
+        mode = None
+    if mode and scheme and (mode in TCP_MODES) != (scheme == "tcp"):
+        errs.add(label("mode"), f"{mode} does not fit target {show(target)} (tcp and "
+                                "tls-terminated-tcp take tcp://HOST:PORT; http and https take "
+                                "http://, https://, https+insecure:// or unix:/PATH)")
+    if mode in ("https", "tls-terminated-tcp") and embedded:
+        errs.add(label("mode"), f"\"{mode}\" needs a tailnet that issues certificates; the "
+                                "embedded control does not (use "
+                                f"{label('mode').rpartition('.')[2]} = "
+                                f"\"{'http' if mode == 'https' else 'tcp'}\")")
+
+    port = _typed(t, "port", int, errs, "an integer", label("port"))
+    if port is None and "port" not in t and mode and scheme:
+        port = {"http": 80, "https": 443}.get(mode) or urlsplit(target).port
+    if port is not None and not 1 <= port <= 65535:
+        errs.add(label("port"), f"{show(port)} is not a port (1-65535)")
+
+    mount = None
+    if "path" in t and mode in TCP_MODES:
+        errs.add(label("path"), f"only for http and https services; a {mode} port has no paths")
+    else:
+        mount = _typed(t, "path", str, errs, "a string like \"/api\"", label("path"))
+        if mount is not None and (problem := mount_problem(mount)):
+            errs.add(label("path"), problem)
+
+    funnel = _typed(t, "funnel", bool, errs, "true or false", label("funnel"))
+    if funnel and embedded:
+        errs.add(label("funnel"), "Funnel needs Tailscale's ingress and certificates; the "
+                                  "embedded control has neither")
+    elif funnel and mode and mode != "https":
+        errs.add(label("funnel"), f"only on https services (this one is {mode})")
+    elif funnel and isinstance(port, int) and 1 <= port <= 65535 and port not in FUNNEL_PORTS:
+        errs.add(label("funnel"), f"port {port} cannot be funneled; tailscale allows "
+                                  f"{', '.join(map(str, FUNNEL_PORTS))}")
+
+    if len(errs.items) > before or not (mode and port and target):
+        return None
+    return ServiceConfig(port=port, mode=mode, target=target,
+                         path="" if mode in TCP_MODES else (mount or "/"), funnel=bool(funnel))
 
 
 def parse_version(text: str) -> tuple[int, ...] | None:

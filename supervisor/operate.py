@@ -172,11 +172,53 @@ def _reload_if_running(data_dir: Path) -> None:
              "it sees the change at its next look at the config dir")
 
 
+def service_flag(text: str) -> dict[str, Any]:
+    """argparse `type=` for `--service PORT=MODE:TARGET[:PATH]`, e.g.
+    80=http:http://127.0.0.1:8096, 80=http:http://127.0.0.1:9000:/api,
+    22=tcp:tcp://127.0.0.1:22, 80=http:unix:/run/app.sock:/app. MODE ends at
+    the first ':'; a trailing ':/...' after the target is the PATH (a
+    target's own ':' never starts with '/', except right after unix:).
+    Returns a [[serve]] table; parse_proxy judges its values."""
+    port, eq, rest = text.partition("=")
+    mode, colon, target = rest.partition(":")
+    if not (eq and colon and port.isascii() and port.isdigit() and len(port) <= 5 and mode and target):
+        raise argparse.ArgumentTypeError(
+            f"{cfgmod.show(text)} is not PORT=MODE:TARGET[:PATH] (e.g. 80=http:http://127.0.0.1:8096 "
+            "or 80=http:http://127.0.0.1:9000:/api or 22=tcp:tcp://127.0.0.1:22)")
+    table: dict[str, Any] = {"port": int(port), "mode": mode, "target": target}
+    head, sep, mount = target.rpartition(":")
+    if sep and mount.startswith("/") and ":" in head:
+        table["target"], table["path"] = head, mount
+    return table
+
+
+def _toml(raw: dict[str, Any]) -> str:
+    """`raw` as TOML, services as [[serve]] tables as the README writes them
+    (tomli_w would inline short ones)."""
+    tables = raw["serve"] if isinstance(raw.get("serve"), list) else []
+    top = {k: v for k, v in raw.items() if not (k == "serve" and tables)}
+    return tomli_w.dumps(top) + "".join(f"\n[[serve]]\n{tomli_w.dumps(t)}" for t in tables)
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     """Validate a proxy made from the flags, write conf.d/NAME.toml atomically,
-    and ask a running supervisor to reload. Any bad flag, a taken file or
-    hostname, or an unwritable config dir: one line each on stderr, exit 1."""
+    and ask a running supervisor to reload. One service (--target, with
+    --serve/--port) or several (--service, repeated; [[serve]] tables, with
+    --funnel PORT marking a port's services). Any bad flag, a taken file or
+    hostname, or an unwritable config dir: one line each on stderr, exit 1
+    (exit 2 for flags that do not go together)."""
     path = args.config_dir / f"{args.name}.toml"
+    if bool(args.target) == bool(args.service):
+        _err("give --target URL (one service) or --service PORT=MODE:TARGET[:PATH] (repeatable), "
+             "exactly one of them")
+        return EXIT_USAGE
+    if args.service and (args.serve or args.port is not None):
+        _err("--serve and --port go with --target; with --service, "
+             "write them in each PORT=MODE:TARGET[:PATH]")
+        return EXIT_USAGE
+    if args.funnel and not args.service:
+        _err("--funnel PORT goes with --service (write the https service on that port)")
+        return EXIT_USAGE
     try:
         if path.exists():
             _err(f"{path} already exists (remove it first, or edit it)")
@@ -184,16 +226,19 @@ def cmd_add(args: argparse.Namespace) -> int:
     except OSError as e:  # a config dir we may not look into
         _err(f"{path}: {e.strerror or e}")
         return EXIT_ERROR
-    scheme = args.target.split("://", 1)[0].lower()
-    raw: dict[str, Any] = {"hostname": (args.hostname or args.name.replace("_", "-")).lower(),
-                           "target": args.target,
-                           "serve": args.serve or ("tcp" if scheme == "tcp" else "http")}
-    raw["port"] = args.port if args.port is not None else (80 if raw["serve"] == "http" else
-                                                            443 if raw["serve"] == "https" else 0)
-    if raw["serve"] == "tcp" and args.port is None:
-        print(cfgmod.ConfigError(path, "port", "a tcp proxy needs --port (the tailnet-side port)"),
-              file=sys.stderr)
-        return EXIT_ERROR
+    raw: dict[str, Any] = {"hostname": (args.hostname or args.name.replace("_", "-")).lower()}
+    if args.service:
+        raw["serve"] = [dict(t, funnel=True) if t["port"] in args.funnel else t for t in args.service]
+        unused = sorted(set(args.funnel) - {t["port"] for t in args.service})
+        if unused:
+            _err(f"--funnel {unused[0]}: no --service on port {unused[0]}")
+            return EXIT_USAGE
+    else:
+        raw["target"] = args.target
+        if args.serve:
+            raw["serve"] = args.serve
+        if args.port is not None:
+            raw["port"] = args.port
     for key, value in (("login_server", args.login_server), ("auth_key_file", args.auth_key_file),
                        ("auth_key_env", args.auth_key_env)):
         if value:
@@ -218,10 +263,13 @@ def cmd_add(args: argparse.Namespace) -> int:
         for e in errors:
             print(str(e), file=sys.stderr)
         return EXIT_ERROR
+    if "target" in raw:  # the file says what it serves, defaults included
+        raw = {"hostname": raw["hostname"], "target": raw["target"], "serve": cfg.serve,
+               "port": cfg.port, **raw}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         args.config_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(tomli_w.dumps(raw))
+        tmp.write_text(_toml(raw))
         os.link(tmp, path)  # whole, and never over a file someone wrote meanwhile
         tmp.unlink()
     except FileExistsError:
@@ -283,10 +331,16 @@ def add_parsers(sub: Any, common: Any) -> None:
     add = sub.add_parser("add", help="validate, then write conf.d/NAME.toml")
     common(add, config=True, data=True)
     add.add_argument("name", type=proxy_name)
-    add.add_argument("--target", required=True, help="http://127.0.0.1:PORT or tcp://127.0.0.1:PORT")
+    add.add_argument("--target", help="one service: http://127.0.0.1:PORT or tcp://127.0.0.1:PORT")
     add.add_argument("--hostname")
-    add.add_argument("--serve", choices=("http", "https", "tcp"))
-    add.add_argument("--port", type=int, help="tailnet-side port (default 80 for http)")
+    add.add_argument("--serve", choices=cfgmod.SERVE_MODES, help="with --target: the mode")
+    add.add_argument("--port", type=int, help="with --target: tailnet-side port (default 80 for http)")
+    add.add_argument("--service", type=service_flag, action="append", default=[],
+                     metavar="PORT=MODE:TARGET[:PATH]",
+                     help="several services, repeatable: e.g. 80=http:http://127.0.0.1:8096, "
+                          "80=http:http://127.0.0.1:9000:/api, 22=tcp:tcp://127.0.0.1:22")
+    add.add_argument("--funnel", type=int, action="append", default=[], metavar="PORT",
+                     help="with --service: Funnel the https services on PORT (443, 8443 or 10000)")
     add.add_argument("--login-server", help='a URL, or "embedded" (default: Tailscale\'s hosted control)')
     add.add_argument("--auth-key-file")
     add.add_argument("--auth-key-env")

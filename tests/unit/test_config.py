@@ -100,13 +100,23 @@ def test_running_proxy_keeps_its_hostname_against_a_new_file(tmp_path):
     assert [c.name for c in configs] == ["z"] and errors[0].path.name == "a.toml"
 
 
-def test_fingerprint_changes_with_content_only(tmp_path):
+def test_fingerprint_changes_with_what_shapes_the_node_only(tmp_path):
+    """A changed fingerprint restarts tailscaled; what it serves is applied in
+    place, so a new target or [[serve]] set changes `services`, not the fingerprint."""
     p = write(tmp_path, "p", 'target = "http://127.0.0.1:1"\nlogin_server = "embedded"\n')
-    a = cfgmod.load_proxy_file(p)[0].fingerprint()
+    first = cfgmod.load_proxy_file(p)[0]
     p.write_text('# comment\ntarget = "http://127.0.0.1:1"\nlogin_server = "embedded"\n')
-    assert cfgmod.load_proxy_file(p)[0].fingerprint() == a
-    p.write_text('target = "http://127.0.0.1:2"\nlogin_server = "embedded"\n')
-    assert cfgmod.load_proxy_file(p)[0].fingerprint() != a
+    assert cfgmod.load_proxy_file(p)[0].fingerprint() == first.fingerprint()
+    for body in ('target = "http://127.0.0.1:2"\nport = 8080\n',
+                 '[[serve]]\ntarget = "http://127.0.0.1:1"\n[[serve]]\nport = 22\n'
+                 'target = "tcp://127.0.0.1:22"\n'):
+        p.write_text('login_server = "embedded"\n' + body)
+        cfg = cfgmod.load_proxy_file(p)[0]
+        assert cfg.fingerprint() == first.fingerprint() and cfg.services != first.services
+    for body in ('hostname = "other"\n', 'tags = ["tag:web"]\n', 'ephemeral = true\n'):
+        p.write_text('target = "http://127.0.0.1:1"\nlogin_server = "embedded"\n' + body)
+        cfg = cfgmod.load_proxy_file(p)[0]
+        assert cfg.fingerprint() != first.fingerprint() and cfg.services == first.services
 
 
 def test_loopback_login_server_is_local(tmp_path):
@@ -391,3 +401,294 @@ def test_add_derives_a_valid_hostname_from_a_capitalised_name(tmp_path):
     assert out.returncode == 0, out.stderr
     cfg, errs = cfgmod.load_proxy_file(conf / "Media.toml")
     assert errs == [] and cfg.hostname == "media"
+
+
+# -- several services per proxy: [[serve]] tables ---------------------------------------------
+
+Svc = cfgmod.ServiceConfig
+HOSTED = 'auth_key_file = "k"\n'  # a real tailnet, which issues certificates and runs Funnel
+
+
+def _serve(tmp_path, body: str, version=None):
+    """Load conf.d/app.toml (on a hosted tailnet unless `body` names a login_server)."""
+    (tmp_path / "k").write_text("tskey-auth-test\n")
+    f = tmp_path / "app.toml"
+    f.write_text(body if "login_server" in body else HOSTED + body)
+    return cfgmod.load_proxy_file(f, version)
+
+
+def tables(*rows: str) -> str:
+    return "".join(f"[[serve]]\n{row}\n" for row in rows)
+
+
+@pytest.mark.parametrize("body,service", [
+    # the one-target form means one [[serve]]
+    ('target = "http://127.0.0.1:8096"\n', Svc(80, "http", "http://127.0.0.1:8096")),
+    ('target = "tcp://127.0.0.1:22"\n', Svc(22, "tcp", "tcp://127.0.0.1:22", "")),
+    ('target = "http://127.0.0.1:1"\nserve = "https"\n', Svc(443, "https", "http://127.0.0.1:1")),
+    ('target = "http://127.0.0.1:1"\nport = 8080\n', Svc(8080, "http", "http://127.0.0.1:1")),
+    ('target = "tcp://127.0.0.1:5432"\nserve = "tls-terminated-tcp"\n',
+     Svc(5432, "tls-terminated-tcp", "tcp://127.0.0.1:5432", "")),
+    # [[serve]] defaults: mode from the target, port from the mode (or the tcp target), path "/"
+    (tables('target = "http://127.0.0.1:8096"'), Svc(80, "http", "http://127.0.0.1:8096")),
+    (tables('target = "unix:/run/app.sock"'), Svc(80, "http", "unix:/run/app.sock")),
+    (tables('target = "https+insecure://127.0.0.1:5001"'), Svc(80, "http", "https+insecure://127.0.0.1:5001")),
+    (tables('mode = "https"\ntarget = "http://127.0.0.1:1"'), Svc(443, "https", "http://127.0.0.1:1")),
+    (tables('target = "tcp://127.0.0.1:22"'), Svc(22, "tcp", "tcp://127.0.0.1:22", "")),
+    (tables('mode = "tls-terminated-tcp"\ntarget = "tcp://127.0.0.1:5432"'),
+     Svc(5432, "tls-terminated-tcp", "tcp://127.0.0.1:5432", "")),
+    (tables('port = 2222\ntarget = "tcp://127.0.0.1:22"'), Svc(2222, "tcp", "tcp://127.0.0.1:22", "")),
+    (tables('target = "http://127.0.0.1:1"\npath = "/api/"'), Svc(80, "http", "http://127.0.0.1:1", "/api/")),
+    (tables('target = "http://127.0.0.1:1"\npath = "/a-b/c_d.e~f/@x:y"'),
+     Svc(80, "http", "http://127.0.0.1:1", "/a-b/c_d.e~f/@x:y")),
+    (tables('target = "tcp://127.0.0.1:22"\nfunnel = false'), Svc(22, "tcp", "tcp://127.0.0.1:22", "")),
+    (tables('mode = "https"\ntarget = "http://127.0.0.1:1"\nfunnel = true'),
+     Svc(443, "https", "http://127.0.0.1:1", "/", True)),
+    (tables('mode = "https"\nport = 8443\ntarget = "http://127.0.0.1:1"\nfunnel = true'),
+     Svc(8443, "https", "http://127.0.0.1:1", "/", True)),
+    (tables('mode = "https"\nport = 10000\ntarget = "http://127.0.0.1:1"\npath = "/x"\nfunnel = true'),
+     Svc(10000, "https", "http://127.0.0.1:1", "/x", True)),
+])
+def test_each_form_and_default_gives_its_service(tmp_path, body, service):
+    cfg, errs = _serve(tmp_path, body)
+    assert errs == [] and cfg.services == (service,)
+    assert (cfg.target, cfg.serve, cfg.port) == (service.target, service.mode, service.port)
+
+
+def test_several_services_sorted_by_port_and_path(tmp_path):
+    cfg, errs = _serve(tmp_path, 'login_server = "embedded"\n' + tables(
+        'port = 80\ntarget = "http://127.0.0.1:9000"\npath = "/api"',
+        'port = 22\nmode = "tcp"\ntarget = "tcp://127.0.0.1:22"',
+        'target = "http://127.0.0.1:8096"'))
+    assert errs == []
+    assert cfg.services == (Svc(22, "tcp", "tcp://127.0.0.1:22", ""),
+                            Svc(80, "http", "http://127.0.0.1:8096", "/"),
+                            Svc(80, "http", "http://127.0.0.1:9000", "/api"))
+    assert (cfg.target, cfg.serve, cfg.port) == ("tcp://127.0.0.1:22", "tcp", 22)
+
+
+def test_the_service_limit_is_one_line(tmp_path):
+    ok = tables(*(f'port = {1000 + i}\ntarget = "http://127.0.0.1:1"' for i in range(cfgmod.MAX_SERVICES)))
+    cfg, errs = _serve(tmp_path, ok)
+    assert errs == [] and len(cfg.services) == cfgmod.MAX_SERVICES
+    cfg, errs = _serve(tmp_path, ok + tables('port = 9\ntarget = "http://127.0.0.1:1"'))
+    assert [str(e) for e in errs] == [f"{tmp_path / 'app.toml'}: serve: {cfgmod.MAX_SERVICES + 1} "
+                                      f"[[serve]] tables; at most {cfgmod.MAX_SERVICES} per proxy"]
+
+
+WEB = 'target = "http://127.0.0.1:1"'
+TCP = 'target = "tcp://127.0.0.1:22"'
+
+
+@pytest.mark.parametrize("body,key,words", [
+    # the two forms
+    ('target = "http://127.0.0.1:1"\n' + tables(WEB), "target", "not both"),
+    ('port = 80\n' + tables(WEB), "port", "not both"),
+    ('[serve]\nport = 80\ntarget = "http://127.0.0.1:1"\n', "serve", "not [serve]"),
+    ('serve = {target = "http://127.0.0.1:1"}\n', "serve", "not [serve]"),
+    ("serve = []\n", "serve", "no services"),
+    ("serve = 5\n" + 'target = "http://127.0.0.1:1"\n', "serve", "a mode string or [[serve]] tables"),
+    ('serve = ["http"]\n', "serve[1]", "must be a table"),
+    ("", "target", "or [[serve]] tables"),
+    # one table's keys
+    (tables(WEB + "\nprot = 80"), "serve[1].prot", "unknown key"),
+    (tables("port = 80"), "serve[1].target", "missing"),
+    (tables("target = 8096"), "serve[1].target", "must be a URL string"),
+    (tables('target = "ftp://127.0.0.1:1"'), "serve[1].target", "must look like"),
+    (tables('target = "tcp://127.0.0.1"'), "serve[1].target", "valid port"),
+    (tables('target = "unix:run/app.sock"'), "serve[1].target", "unix:/ABSOLUTE/PATH"),
+    (tables(WEB + '\nmode = "udp"'), "serve[1].mode", "must be one of"),
+    (tables(WEB + "\nmode = 1"), "serve[1].mode", "must be a string"),
+    (tables(WEB + '\nmode = "tcp"'), "serve[1].mode", "tcp does not fit target 'http://127.0.0.1:1'"),
+    (tables(TCP + '\nmode = "http"'), "serve[1].mode", "http does not fit target 'tcp://127.0.0.1:22'"),
+    (tables(TCP + '\nmode = "https"'), "serve[1].mode", "does not fit"),
+    (tables('target = "unix:/run/a.sock"\nmode = "tls-terminated-tcp"'), "serve[1].mode", "does not fit target 'unix:/run/a.sock'"),
+    (tables(WEB + "\nport = 0"), "serve[1].port", "is not a port"),
+    (tables(WEB + "\nport = 65536"), "serve[1].port", "is not a port"),
+    (tables(WEB + "\nport = true"), "serve[1].port", "must be an integer"),
+    (tables(WEB + '\nport = "80"'), "serve[1].port", "must be an integer"),
+    # path: web modes only, a plain URL path
+    (tables(TCP + '\npath = "/"'), "serve[1].path", "only for http and https"),
+    (tables(TCP + '\nmode = "tls-terminated-tcp"\npath = "/x"'), "serve[1].path", "only for http and https"),
+    (tables(WEB + "\npath = 5"), "serve[1].path", "must be a string"),
+    (tables(WEB + '\npath = "api"'), "serve[1].path", 'must start with "/"'),
+    (tables(WEB + '\npath = ""'), "serve[1].path", 'must start with "/"'),
+    (tables(WEB + '\npath = "/a b"'), "serve[1].path", "plain URL path"),
+    (tables(WEB + '\npath = "/a?x=1"'), "serve[1].path", "plain URL path"),
+    (tables(WEB + '\npath = "/a#x"'), "serve[1].path", "plain URL path"),
+    (tables(WEB + '\npath = "/a%20b"'), "serve[1].path", "plain URL path"),
+    (tables(WEB + '\npath = "/a\\nb"'), "serve[1].path", "plain URL path"),
+    (tables(WEB + '\npath = "/m\u00e9dia"'), "serve[1].path", "plain URL path"),
+    (tables(WEB + '\npath = "//a"'), "serve[1].path", "must not contain"),
+    (tables(WEB + '\npath = "/a//b"'), "serve[1].path", "must not contain"),
+    (tables(WEB + '\npath = "/a/../b"'), "serve[1].path", "must not contain"),
+    (tables(WEB + '\npath = "/./"'), "serve[1].path", "must not contain"),
+    # funnel: https only, on a port tailscale funnels
+    (tables(WEB + "\nfunnel = true"), "serve[1].funnel", "only on https services (this one is http)"),
+    (tables(TCP + "\nfunnel = true"), "serve[1].funnel", "only on https services (this one is tcp)"),
+    (tables(WEB + '\nmode = "https"\nport = 444\nfunnel = true'), "serve[1].funnel",
+     "port 444 cannot be funneled; tailscale allows 443, 8443, 10000"),
+    (tables(WEB + '\nmode = "https"\nfunnel = "yes"'), "serve[1].funnel", "true or false"),
+    (tables(WEB + '\nmode = "https"\nport = 0\nfunnel = true'), "serve[1].port", "is not a port"),
+    # what one port can carry; the error names the later table and the earlier one
+    (tables(WEB, 'target = "http://127.0.0.1:2"'), "serve[2].path", "'/' on port 80 is already served by serve[1]"),
+    (tables(WEB + '\npath = "/api"', WEB, WEB + '\npath = "/api"'), "serve[3].path", "already served by serve[1]"),
+    (tables(TCP, 'target = "tcp://127.0.0.1:23"\nport = 22'), "serve[2].port", "port 22 is already served by serve[1]"),
+    (tables(WEB, TCP + "\nport = 80"), "serve[2].mode", "port 80 already carries http (serve[1])"),
+    (tables(TCP + "\nport = 80", WEB), "serve[2].mode", "never both"),
+    (tables(WEB + '\nmode = "https"\nport = 443', TCP + '\nmode = "tls-terminated-tcp"\nport = 443'),
+     "serve[2].mode", "never both"),
+    (tables(WEB + '\nmode = "https"\nport = 8443', WEB + '\nport = 8443\npath = "/x"'),
+     "serve[2].mode", "port 8443 is https in serve[1]; one port serves http or https, not both"),
+    (tables(WEB + '\nmode = "https"\nfunnel = true', WEB + '\nmode = "https"\npath = "/admin"'),
+     "serve[2].funnel", "Funnel is on or off for a whole port"),
+])
+def test_each_serve_rule_is_one_line_naming_table_and_key(tmp_path, body, key, words):
+    cfg, errs = _serve(tmp_path, body)
+    lines = [str(e) for e in errs]
+    assert cfg is None and len(lines) == 1, lines
+    assert lines[0].startswith(f"{tmp_path / 'app.toml'}: {key}: ") and words in lines[0], lines
+    assert "\n" not in lines[0]
+
+
+@pytest.mark.parametrize("body,lines", [
+    ('target = "http://127.0.0.1:1"\nserve = "https"\n',
+     ['serve: "https" needs a tailnet that issues certificates; the embedded control does not '
+      '(use serve = "http")']),
+    ('target = "tcp://127.0.0.1:1"\nserve = "tls-terminated-tcp"\n',
+     ['serve: "tls-terminated-tcp" needs a tailnet that issues certificates; the embedded control '
+      'does not (use serve = "tcp")']),
+    (tables(WEB, WEB + '\nmode = "https"'),
+     ['serve[2].mode: "https" needs a tailnet that issues certificates; the embedded control does not '
+      '(use mode = "http")']),
+    (tables(TCP + '\nmode = "tls-terminated-tcp"'),
+     ['serve[1].mode: "tls-terminated-tcp" needs a tailnet that issues certificates; the embedded '
+      'control does not (use mode = "tcp")']),
+    (tables(WEB + '\nmode = "https"\nfunnel = true'),
+     ['serve[1].mode: "https" needs a tailnet that issues certificates; the embedded control does not '
+      '(use mode = "http")',
+      "serve[1].funnel: Funnel needs Tailscale's ingress and certificates; the embedded control has neither"]),
+])
+def test_the_embedded_control_refuses_certificates_and_funnel(tmp_path, body, lines):
+    cfg, errs = _serve(tmp_path, 'login_server = "embedded"\n' + body)
+    assert cfg is None and [str(e) for e in errs] == [f"{tmp_path / 'app.toml'}: {line}" for line in lines]
+
+
+def test_every_bad_table_gets_its_own_lines(tmp_path):
+    cfg, errs = _serve(tmp_path, tables(WEB, 'target = "ftp://x:1"\nport = 0', WEB + "\nfoo = 1"))
+    assert cfg is None and sorted(e.key for e in errs) == ["serve[2].port", "serve[2].target", "serve[3].foo"]
+
+
+def test_the_unix_version_rule_applies_per_service(tmp_path):
+    body = tables(WEB, 'target = "unix:/run/app.sock"\npath = "/app"')
+    cfg, errs = _serve(tmp_path, body, version=(1, 78, 1))
+    assert cfg is None and [str(e) for e in errs] == [
+        f"{tmp_path / 'app.toml'}: serve[2].target: unix: upstreams need tailscale 1.94.0 or later; "
+        "this tailscale is 1.78.1"]
+    cfg, errs = _serve(tmp_path, body, version=(1, 96, 4))
+    assert errs == [] and [s.target for s in cfg.services] == ["http://127.0.0.1:1", "unix:/run/app.sock"]
+
+
+# -- add --service --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag,table", [
+    ("80=http:http://127.0.0.1:8096", {"port": 80, "mode": "http", "target": "http://127.0.0.1:8096"}),
+    ("80=http:http://127.0.0.1:9000:/api",
+     {"port": 80, "mode": "http", "target": "http://127.0.0.1:9000", "path": "/api"}),
+    ("22=tcp:tcp://127.0.0.1:22", {"port": 22, "mode": "tcp", "target": "tcp://127.0.0.1:22"}),
+    ("80=http:http://[::1]:9000:/api/v1/",
+     {"port": 80, "mode": "http", "target": "http://[::1]:9000", "path": "/api/v1/"}),
+    ("80=http:http://127.0.0.1:9000/app:/app",
+     {"port": 80, "mode": "http", "target": "http://127.0.0.1:9000/app", "path": "/app"}),
+    ("80=http:unix:/run/app.sock", {"port": 80, "mode": "http", "target": "unix:/run/app.sock"}),
+    ("80=http:unix:/run/app.sock:/app",
+     {"port": 80, "mode": "http", "target": "unix:/run/app.sock", "path": "/app"}),
+    ("80=http:http://nas", {"port": 80, "mode": "http", "target": "http://nas"}),  # no port: not a path
+    ("443=https:https+insecure://127.0.0.1:5001",
+     {"port": 443, "mode": "https", "target": "https+insecure://127.0.0.1:5001"}),
+])
+def test_service_flag_grammar(flag, table):
+    from supervisor.operate import service_flag
+    assert service_flag(flag) == table
+
+
+@pytest.mark.parametrize("flag", ["80", "80=http", "=http:http://127.0.0.1:1", "x=http:http://h:1",
+                                  "80=:http://h:1", "80=http:", "999999=http:http://h:1", "\u0663=http:h:1",
+                                  "-1=http:http://h:1"])
+def test_service_flag_refuses_what_is_not_the_grammar(flag):
+    import argparse
+
+    from supervisor.operate import service_flag
+    with pytest.raises(argparse.ArgumentTypeError, match="PORT=MODE:TARGET"):
+        service_flag(flag)
+
+
+def test_add_service_round_trips_through_the_file(tmp_path):
+    conf = tmp_path / "conf.d"
+    (tmp_path / "k").write_text("tskey-auth-test\n")
+    flags = ["--service", "80=http:http://127.0.0.1:8096", "--service", "80=http:http://127.0.0.1:9000:/api",
+             "--service", "22=tcp:tcp://127.0.0.1:22", "--service", "443=https:unix:/run/a.sock",
+             "--service", "443=https:http://127.0.0.1:3000:/admin", "--funnel", "443",
+             "--service", "5432=tls-terminated-tcp:tcp://127.0.0.1:5432"]
+    r = cli("add", "nas", "--config-dir", str(conf), "--data-dir", str(tmp_path / "data"),
+            "--auth-key-file", str(tmp_path / "k"), *flags)
+    assert r.returncode == 0, r.stderr
+    text = (conf / "nas.toml").read_text()
+    assert text.count("[[serve]]\n") == 6 and "target =" not in text.split("[[serve]]")[0]
+    cfg, errs = cfgmod.load_proxy_file(conf / "nas.toml")
+    assert errs == [] and cfg.services == (
+        Svc(22, "tcp", "tcp://127.0.0.1:22", ""),
+        Svc(80, "http", "http://127.0.0.1:8096", "/"),
+        Svc(80, "http", "http://127.0.0.1:9000", "/api"),
+        Svc(443, "https", "unix:/run/a.sock", "/", True),
+        Svc(443, "https", "http://127.0.0.1:3000", "/admin", True),
+        Svc(5432, "tls-terminated-tcp", "tcp://127.0.0.1:5432", ""))
+
+
+def test_add_target_writes_the_defaults_it_means(tmp_path):
+    conf = tmp_path / "conf.d"
+    r = cli("add", "ssh", "--config-dir", str(conf), "--data-dir", str(tmp_path / "data"),
+            "--login-server", "embedded", "--target", "tcp://127.0.0.1:2222")
+    assert r.returncode == 0, r.stderr
+    text = (conf / "ssh.toml").read_text()
+    assert 'serve = "tcp"\nport = 2222\n' in text and "[[serve]]" not in text
+    cfg, errs = cfgmod.load_proxy_file(conf / "ssh.toml")
+    assert errs == [] and cfg.services == (Svc(2222, "tcp", "tcp://127.0.0.1:2222", ""),)
+
+
+@pytest.mark.parametrize("flags,rc,words", [
+    ([], 2, "exactly one of them"),
+    (["--target", "http://127.0.0.1:1", "--service", "80=http:http://127.0.0.1:1"], 2, "exactly one of them"),
+    (["--service", "80=http:http://127.0.0.1:1", "--serve", "http"], 2, "--serve and --port go with --target"),
+    (["--service", "80=http:http://127.0.0.1:1", "--port", "80"], 2, "--serve and --port go with --target"),
+    (["--target", "http://127.0.0.1:1", "--funnel", "443"], 2, "--funnel PORT goes with --service"),
+    (["--service", "80=http:http://127.0.0.1:1", "--funnel", "443"], 2, "no --service on port 443"),
+    (["--service", "80:http://127.0.0.1:1"], 2, "is not PORT=MODE:TARGET[:PATH]"),
+    (["--service", "80=http:http://127.0.0.1:1", "--service", "80=tcp:tcp://127.0.0.1:22"], 1,
+     "serve[2].mode: port 80 already carries http (serve[1])"),
+    (["--service", "80=http:http://127.0.0.1:1:/a b"], 1, "serve[1].path: '/a b' must be a plain URL path"),
+    (["--service", "443=https:http://127.0.0.1:1"], 1, "serve[1].mode: \"https\" needs a tailnet"),
+])
+def test_add_service_refuses_with_one_line(tmp_path, flags, rc, words):
+    conf = tmp_path / "conf.d"
+    r = cli("add", "web", "--config-dir", str(conf), "--data-dir", str(tmp_path / "data"),
+            "--login-server", "embedded", *flags)
+    assert "Traceback" not in r.stdout + r.stderr
+    assert r.returncode == rc and not (conf / "web.toml").exists()
+    lines = [line for line in r.stderr.splitlines() if not line.startswith(("usage:", " "))]
+    assert len(lines) == 1 and words in lines[0], r.stderr
+    if rc == 1:
+        assert lines[0].startswith(f"{conf / 'web.toml'}: serve["), lines
+
+
+def test_the_readme_serve_example_loads_with_a_service_per_mode(tmp_path):
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("# conf.d/nas.toml"):]
+    block = block[:block.index("```")]
+    (tmp_path / "tailnet.key").write_text("tskey-auth-test\n")
+    f = tmp_path / "nas.toml"
+    f.write_text(block.replace("/etc/ts-supervisor/tailnet.key", str(tmp_path / "tailnet.key")))
+    cfg, errs = cfgmod.load_proxy_file(f)
+    assert errs == []
+    assert {s.mode for s in cfg.services} == set(cfgmod.SERVE_MODES)
+    assert any(s.path not in ("", "/") for s in cfg.services) and any(s.funnel for s in cfg.services)
