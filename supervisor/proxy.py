@@ -191,9 +191,7 @@ class Proxy:
     def desired(self) -> rc.Desired:
         """What the config asks of the node (reconcile.Desired)."""
         c = self.cfg
-        services = getattr(c, "services", ()) or ()
-        wanted = ({rc.desired_service(s.mode, s.port, s.target, s.path, s.funnel) for s in services}
-                  if services else {rc.desired_service(c.serve, c.port, c.target)})
+        wanted = {rc.desired_service(s.mode, s.port, s.target, s.path, s.funnel) for s in c.services}
         return rc.Desired(
             control_url=rc.normalize_control_url(self.ctx.control_url(c)),
             hostname=c.hostname, tags=tuple(c.tags), services=frozenset(wanted))

@@ -45,3 +45,83 @@ def test_a_wipe_keeps_the_certificates(sup, control, tmp_path):
     sup.wait_state("app", "running", 30, after=n)
     assert [e["event"] for e in sup.events()[n:] if e["proxy"] == "app"].count("wiped") == 1
     assert (certs / "app.tailnet.test.crt").read_text() == "planted certificate\n"
+
+
+def test_three_services_on_one_proxy_each_reached_by_a_peer(sup, tmp_path, bins, local_http, local_echo):
+    """http on 80, a /api mount on 80 and tcp on 22, under one tailnet name."""
+    import http.server
+    import threading
+    from supervisor.control.cli import AdminClient
+    from tests.harness import curl_via, echo_through, free_port, wait_for
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f"api saw {self.path}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a) -> None:
+            pass
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    try:
+        (sup.config_dir).mkdir(parents=True, exist_ok=True)
+        (sup.config_dir / "nas.toml").write_text(f"""login_server = "embedded"
+[[serve]]
+port = 80
+target = "http://127.0.0.1:{local_http}"
+[[serve]]
+port = 80
+path = "/api"
+target = "http://127.0.0.1:{api.server_address[1]}"
+[[serve]]
+port = 22
+mode = "tcp"
+target = "tcp://127.0.0.1:{local_echo}"
+""")
+        sup.start()
+        sup.wait_state("nas", "running", 30)
+        ip4 = next(ip for ip in sup.status()["nas"]["tailscale_ips"] if "." in ip)
+        admin = AdminClient.from_data_dir(sup.data_dir / "control")
+        socks = free_port()
+        peer = Node(bins=bins, statedir=tmp_path / "peer", control_url=admin.url, socks5_port=socks)
+        try:
+            peer.start()
+            peer.up(admin.create_key()["secret"], "peer")
+            from tests.conftest import BODY
+            wait_for(lambda: curl_via(socks, "http://nas.tailnet.test/") == BODY.decode(), 20, "/ on 80")
+            assert curl_via(socks, "http://nas.tailnet.test/api/users") == "api saw /users\n"
+            payload = b"over tcp 22 " * 20
+            assert wait_for(lambda: echo_through(socks, ip4, 22, payload), 10, "tcp 22") == payload
+        finally:
+            peer.kill()
+    finally:
+        api.shutdown()
+        api.server_close()
+
+
+def test_a_changed_service_set_is_applied_by_reload_with_the_same_tailscaled(sup, control, tmp_path):
+    from tests.test_supervisor import key_file
+    path, _ = key_file(tmp_path, control, "k", reusable=True)
+    sup.write_proxy("app", hostname="app", login_server=control.url, auth_key_file=str(path),
+                    serve=[{"port": 80, "target": "http://127.0.0.1:8080"}])
+    sup.start()
+    sup.wait_state("app", "running", 30)
+    before = sup.status()["app"]
+    node = control.node_named("app")["id"]
+    n = len(sup.events())
+    sup.write_proxy("app", hostname="app", login_server=control.url, auth_key_file=str(path),
+                    serve=[{"port": 80, "target": "http://127.0.0.1:8080"},
+                           {"port": 8443, "mode": "http", "target": "http://127.0.0.1:9000"},
+                           {"port": 2222, "target": "tcp://127.0.0.1:22"}])
+    sup.wait_event(lambda e: e["proxy"] == "app" and e["event"] == "serve_applied", 30, "in place", after=n)
+    sock = sup.data_dir / "proxies" / "app" / "state" / "tailscaled.sock"
+    raw = asyncio.run(ts.LocalAPI(sock).request("GET", "/localapi/v0/serve-config"))
+    assert {(s.port, s.mode) for s in ts.serve_services(json.loads(raw))} == {(80, "http"), (8443, "http"),
+                                                                               (2222, "tcp")}
+    after = sup.status()["app"]
+    assert (after["pid"], after["state"]) == (before["pid"], "running")
+    assert control.node_named("app")["id"] == node
+    assert not [e for e in sup.events()[n:] if e["proxy"] == "app" and e["state"]]

@@ -49,16 +49,21 @@ def test_bad_config_gets_one_line_each_and_good_proxies_run(sup, control, tmp_pa
 
 
 def test_reload_starts_new_stops_removed_restarts_changed_and_leaves_the_rest(sup, control, tmp_path):
+    """A changed node (here its hostname) restarts; a changed target is a new
+    serve config, applied in place with the same tailscaled; the rest is not
+    touched."""
     path, _ = key_file(tmp_path, control, reusable=True)
-    for name in ("same", "changed", "gone"):
+    for name in ("same", "changed", "served", "gone"):
         proxy_on(sup, control, name, path)
     sup.start()
-    for name in ("same", "changed", "gone"):
+    for name in ("same", "changed", "served", "gone"):
         sup.wait_state(name, "running")
     before = sup.status()
 
     n = len(sup.events())
-    proxy_on(sup, control, "changed", path, port=8081)
+    sup.write_proxy("changed", hostname="changed-new", target="http://127.0.0.1:8080", serve="http",
+                    port=80, login_server=control.url, auth_key_file=str(path))
+    proxy_on(sup, control, "served", path, port=8081)
     (sup.config_dir / "gone.toml").unlink()
     proxy_on(sup, control, "new", path)
     assert sup.proc is not None
@@ -66,12 +71,16 @@ def test_reload_starts_new_stops_removed_restarts_changed_and_leaves_the_rest(su
     sup.wait_state("new", "running", after=n)
     sup.wait_state("changed", "running", after=n)
     sup.wait_state("gone", "stopped", after=n)
+    sup.wait_event(lambda e: e["proxy"] == "served" and e["event"] == "serve_applied", 30,
+                   "the new target applied in place", after=n)
 
     after = sup.status()
-    assert set(after) == {"same", "changed", "new"}
+    assert set(after) == {"same", "changed", "served", "new"}
     assert after["same"]["pid"] == before["same"]["pid"]
     assert after["changed"]["pid"] != before["changed"]["pid"]
-    assert after["changed"]["target"].endswith(":8081")
+    assert after["changed"]["hostname"] == "changed-new"
+    assert after["served"]["pid"] == before["served"]["pid"] and after["served"]["target"].endswith(":8081")
+    assert [e["state"] for e in sup.events()[n:] if e["proxy"] == "served" and e["state"]] == []
     assert not [e for e in sup.events()[n:] if e["proxy"] == "same"]
 
     # Without SIGHUP: the conf.d change alone is noticed.
