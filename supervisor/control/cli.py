@@ -52,9 +52,10 @@ class AdminClient:
             raise ConnectionError(f"control at {self.url} unreachable: {e.reason}") from None
 
     def create_key(self, *, reusable: bool = False, ephemeral: bool = False,
-                   expiry: float | None = 90 * 86400.0, tags: list[str] | None = None) -> dict[str, Any]:
+                   expiry: float | None = 90 * 86400.0, tags: list[str] | None = None,
+                   user: str = "") -> dict[str, Any]:
         return self.call("POST", "keys", {"reusable": reusable, "ephemeral": ephemeral,
-                                          "expiry": expiry, "tags": tags or []})
+                                          "expiry": expiry, "tags": tags or [], "user": user})
 
     def keys(self) -> list[dict[str, Any]]:
         return self.call("GET", "keys")
@@ -70,6 +71,18 @@ class AdminClient:
 
     def set_fault(self, status: int | None = None, register_status: int | None = None) -> Any:
         return self.call("POST", "fault", {"status": status, "register_status": register_status})
+
+    def caps(self) -> dict[str, Any]:
+        return self.call("GET", "caps")
+
+    def set_caps(self, node: int | str | None = None, *, https: bool = False, funnel: bool = False,
+                 funnel_ports: str | list[int | str] = "", inherit: bool = False) -> dict[str, Any]:
+        """Grant exactly these capabilities to `node` (None: the tailnet default); `inherit`
+        returns the node to the default. Nodes whose grant changed get a new netmap at once."""
+        body: dict[str, Any] = {"node": node, "inherit": inherit}
+        if not inherit:
+            body.update(https=https, funnel=funnel, funnel_ports=funnel_ports)
+        return self.call("POST", "caps", body)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -98,7 +111,7 @@ def _admin(args: argparse.Namespace) -> int:
         if args.what == "keys":
             if args.verb == "create":
                 out: Any = client.create_key(reusable=args.reusable, ephemeral=args.ephemeral,
-                                             expiry=args.expiry, tags=args.tag)
+                                             expiry=args.expiry, tags=args.tag, user=args.user)
             elif args.verb == "list":
                 out = client.keys()
             else:
@@ -107,6 +120,13 @@ def _admin(args: argparse.Namespace) -> int:
             out = client.nodes() if args.verb == "list" else client.act("nodes", args.id, args.verb)
         elif args.what == "events":
             out = client.events(args.since)
+        elif args.what == "caps":
+            if args.verb == "set" and args.inherit and (args.https or args.funnel or args.funnel_ports):
+                raise RuntimeError("caps set: --inherit takes no capabilities (it returns the node "
+                                   "to the tailnet default)")
+            out = client.caps() if args.verb == "list" else client.set_caps(
+                args.node, https=args.https, funnel=args.funnel, funnel_ports=args.funnel_ports,
+                inherit=args.inherit)
         else:
             out = client.set_fault(None if args.clear else args.status, args.register_status)
     except (ConnectionError, RuntimeError) as e:
@@ -137,6 +157,9 @@ def add_parser(sub: Any) -> None:
     create.add_argument("--ephemeral", action="store_true")
     create.add_argument("--expiry", type=float, default=90 * 86400.0, help="seconds")
     create.add_argument("--tag", action="append", default=[], help="tag:name (repeatable)")
+    create.add_argument("--user", default="", metavar="LOGIN",
+                        help="owner of the key's untagged nodes, e.g. alice@example.com "
+                             "(default: the tailnet's admin user)")
     ksub.add_parser("list")
     for verb in ("revoke", "expire"):
         ksub.add_parser(verb).add_argument("id")
@@ -147,6 +170,17 @@ def add_parser(sub: Any) -> None:
     for verb in ("delete", "expire"):
         nsub.add_parser(verb).add_argument("id")
 
+    caps = csub.add_parser("caps", help="grant nodes HTTPS and Funnel capabilities (none by default)")
+    capsub = caps.add_subparsers(dest="verb", required=True)
+    capsub.add_parser("list", help="the tailnet default and each node's capabilities")
+    cset = capsub.add_parser("set", help="grant exactly the capabilities given (others withdrawn)")
+    cset.add_argument("--node", metavar="ID", help="one node (default: the tailnet-wide default)")
+    cset.add_argument("--https", action="store_true", help="the https capability and CertDomains")
+    cset.add_argument("--funnel", action="store_true", help="the funnel node attribute")
+    cset.add_argument("--funnel-ports", default="", metavar="PORTS",
+                      help="the funnel-ports capability, e.g. 443,8443,10000-10010")
+    cset.add_argument("--inherit", action="store_true", help="return --node to the tailnet default")
+
     ev = csub.add_parser("events", help="the control's decision log (monotonic times)")
     ev.add_argument("--since", type=float, default=0.0)
 
@@ -155,5 +189,5 @@ def add_parser(sub: Any) -> None:
     fault.add_argument("--register-status", type=int)
     fault.add_argument("--clear", action="store_true")
 
-    for sp in (keys, nodes, ev, fault):
+    for sp in (keys, nodes, caps, ev, fault):
         sp.set_defaults(func=_admin)

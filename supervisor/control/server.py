@@ -8,7 +8,9 @@ bearer token). STUN answers on a UDP port of its own. Decisions live in
 
 Cost with many nodes: a peer change is sent as `PeersChanged`/`PeersRemoved`
 deltas, coalesced per loop turn, with each changed node's JSON built once;
-only a node's first map message carries the whole peer list.
+only a node's first map message carries the whole peer list. A node's own
+capabilities (`Node.CapMap`) and `DNSConfig.CertDomains` go to that node only;
+every message naming a node carries its owner's `UserProfiles` entry.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import h2.settings
 from supervisor.control import noise, zstdframe
 from supervisor.control.derp import DerpServer
 from supervisor.control.stun import StunServer
-from supervisor.control.tailnet import AdminError, Node, Tailnet, rfc3339
+from supervisor.control.tailnet import NO_CAPS, AdminError, Node, Tailnet, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -168,21 +170,27 @@ class ControlServer:
         return bool(self._streams.get(node_id))
 
     def list_nodes(self) -> list[dict[str, Any]]:
-        now = self.tailnet.now()
-        return [n.public(now, self.online(n.id)) for n in self.tailnet.nodes.values()]
+        return [self.tailnet.public_node(n, self.online(n.id)) for n in self.tailnet.nodes.values()]
 
     def list_keys(self) -> list[dict[str, Any]]:
         now = self.tailnet.now()
         return [k.public(now) for k in self.tailnet.keys.values()]
 
     def admin(self, op: str, **args: Any) -> Any:
-        """The one entry point for admin operations (Python and HTTP share it)."""
+        """The one entry point for admin operations (Python and HTTP share it).
+
+        Capabilities: `set_caps(node=ID, https=bool, funnel=bool, funnel_ports=[443, "8000-8010"])`
+        grants exactly those to one node (absent: not granted), `node` absent/None makes them
+        the tailnet default, `set_caps(node=ID, inherit=True)` returns a node to that default;
+        every node whose grant changed gets a new netmap at once. `list_caps` gives
+        {"default": caps, "nodes": {id: caps}}. Owners: `create_key(user="alice@example.com")`."""
         t = self.tailnet
         if op == "create_key":
             key, secret = t.create_key(reusable=bool(args.get("reusable", False)),
                                        ephemeral=bool(args.get("ephemeral", False)),
                                        expiry=_opt_float(args.get("expiry", 90 * 86400.0)),
-                                       tags=list(args.get("tags") or []))
+                                       tags=list(args.get("tags") or []),
+                                       user=args.get("user") or "")
             return {**key.public(t.now()), "secret": secret}
         if op == "list_keys":
             return self.list_keys()
@@ -194,10 +202,24 @@ class ControlServer:
             return self.list_nodes()
         if op == "delete_node":
             node = t.delete_node(_node_id(args["id"]))
-            return node.public(t.now(), False)
+            return t.public_node(node, False)
         if op == "expire_node":
             node = t.expire_node(_node_id(args["id"]))
-            return node.public(t.now(), self.online(node.id))
+            return t.public_node(node, self.online(node.id))
+        if op == "set_caps":
+            nid = None if args.get("node") is None else _node_id(args["node"])
+            unknown = set(args) - {"node", "inherit", *NO_CAPS}
+            if unknown:
+                raise AdminError(f"set_caps: unknown argument {sorted(unknown)[0]!r}")
+            inherit = args.get("inherit", False)
+            if type(inherit) is not bool:
+                raise AdminError(f"set_caps: inherit wants true or false, got {inherit!r:.40}")
+            grant = None if inherit else {k: args[k] for k in NO_CAPS if k in args}
+            changed = t.set_caps(nid, grant)
+            return {"node": nid, "caps": t.default_caps if nid is None else t.caps(t.node(nid)),
+                    "pushed": [n.id for n in changed]}
+        if op == "list_caps":
+            return {"default": t.default_caps, "nodes": {str(n.id): t.caps(n) for n in t.nodes.values()}}
         if op == "events":
             return t.events_since(float(args.get("since") or 0))
         if op == "set_fault":
@@ -234,6 +256,7 @@ class ControlServer:
         self._removed.clear()
         if not changed and not removed:
             return
+        profiles = self._profiles(self.tailnet.nodes[i] for i in changed)
         for nid, streams in list(self._streams.items()):
             node = self.tailnet.nodes.get(nid)
             if node is None:
@@ -245,7 +268,9 @@ class ControlServer:
             if removed:
                 msg["PeersRemoved"] = removed
             if nid in changed:
-                msg["Node"] = changed[nid]
+                msg.update(self._self_parts(node, changed[nid]))
+            if peers or nid in changed:
+                msg["UserProfiles"] = profiles
             if msg:
                 data = zstdframe.message(json.dumps(msg).encode())
                 for stream in list(streams):
@@ -255,7 +280,8 @@ class ControlServer:
         now = self.tailnet.now()
         addrs = [n.ipv4 + "/32", n.ipv6 + "/128"]
         return {"ID": n.id, "StableID": f"n{n.id:06d}CNTRL", "Name": self.tailnet.fqdn(n),
-                "User": 1, "Key": n.node_key, "KeyExpiry": rfc3339(n.key_expiry),
+                "User": self.tailnet.profile(self.tailnet.owner(n))["ID"],
+                "Key": n.node_key, "KeyExpiry": rfc3339(n.key_expiry),
                 "Expired": n.expired(now), "Machine": n.machine_key,
                 "DiscoKey": n.disco_key or "discokey:" + "00" * 32,
                 "Addresses": addrs, "AllowedIPs": addrs, "Endpoints": n.endpoints,
@@ -274,16 +300,29 @@ class ControlServer:
                        "DERPPort": self.port, "CanPort80": False}]}},
             "OmitDefaultRegions": True}
 
+    def _self_parts(self, node: Node, node_json: dict[str, Any]) -> dict[str, Any]:
+        """What only the node itself hears about itself: `Node` with its CapMap (peers'
+        CapMaps mean something else), and the `DNSConfig` carrying its CertDomains. Both
+        are whole values in every message, so a withdrawn grant disappears."""
+        cap_map = self.tailnet.cap_map(node)
+        cert_domains = self.tailnet.cert_domains(node)
+        return {"Node": {**node_json, **({"CapMap": cap_map} if cap_map else {})},
+                "DNSConfig": {"CertDomains": cert_domains} if cert_domains else {}}
+
+    def _profiles(self, nodes: Any) -> list[dict[str, Any]]:
+        """UserProfiles for the owners of these nodes: tailscaled keeps each profile it has
+        heard of, and WhoIs (serve's identity headers) needs the one of every peer."""
+        t = self.tailnet
+        return [t.profile(login) for login in sorted({t.owner(n) for n in nodes})]
+
     def _full_map(self, node: Node, with_peers: bool) -> dict[str, Any]:
-        who = {"ID": 1, "LoginName": "admin@" + self.tailnet.domain, "DisplayName": "Admin"}
+        peers = [p for p in self.tailnet.nodes.values() if p.id != node.id] if with_peers else []
         msg: dict[str, Any] = {
-            "Node": self._node_json(node), "DERPMap": self._derp_map(),
+            **self._self_parts(node, self._node_json(node)), "DERPMap": self._derp_map(),
             "Domain": self.tailnet.domain, "PacketFilter": ALLOW_ALL,
-            "UserProfiles": [who], "ControlTime": rfc3339(time.time())}
-        if with_peers:
-            peers = [self._node_json(p) for p in self.tailnet.nodes.values() if p.id != node.id]
-            if peers:
-                msg["Peers"] = peers
+            "UserProfiles": self._profiles([node, *peers]), "ControlTime": rfc3339(time.time())}
+        if peers:
+            msg["Peers"] = [self._node_json(p) for p in peers]
         return msg
 
     async def _keepalives(self) -> None:
@@ -688,7 +727,7 @@ def _admin_route(method: str, target: str, body: dict[str, Any]) -> tuple[str, d
     routes = {
         ("GET", "keys"): "list_keys", ("POST", "keys"): "create_key",
         ("GET", "nodes"): "list_nodes", ("GET", "events"): "events",
-        ("POST", "fault"): "set_fault",
+        ("POST", "fault"): "set_fault", ("GET", "caps"): "list_caps", ("POST", "caps"): "set_caps",
     }
     if len(parts) == 1 and (method, parts[0]) in routes:
         return routes[(method, parts[0])], {**query, **body}

@@ -8,6 +8,13 @@ keys get `invalid key: API key does not exist`, expired or spent one-off keys
 key gets an AuthURL, a known node whose key expired gets `NodeKeyExpired`.
 Secrets are stored only as SHA-256 hashes, so the state file leaks nothing.
 
+Owners and capabilities follow hosted control too. A node registered with an
+untagged key is owned by the key's user (`alice@example.com`; the tailnet's
+`admin@DOMAIN` when the key names none); a tagged node by `tagged-devices`.
+`tailscale serve` sends identity headers only for user-owned peers.
+Capabilities (`https`, `funnel`, `funnel-ports`) are granted per node or as a
+tailnet-wide default; none are granted unless an admin op says so.
+
 Everything that comes in is checked by one set of rules: `state.json` on
 load (any other shape is one StateError line naming the file, key and
 reason) and the fields of register/map requests (ValueError naming the
@@ -36,6 +43,11 @@ DEFAULT_NODE_KEY_LIFETIME = 180 * 86400.0  # hosted control's default
 NOT_EXIST = "invalid key: API key does not exist"
 V4_NET = ipaddress.ip_network("100.64.0.0/10")
 V6_NET = ipaddress.ip_network("fd7a:115c:a1e0::/48")
+TAGGED_DEVICES = "tagged-devices"  # the login hosted control gives the owner of every tagged node
+CAP_HTTPS = "https"  # tailcfg.CapabilityHTTPS
+CAP_FUNNEL = "funnel"  # tailcfg.NodeAttrFunnel
+CAP_FUNNEL_PORTS = "https://tailscale.com/cap/funnel-ports"  # tailcfg.CapabilityFunnelPorts, + ?ports=
+NO_CAPS: dict[str, Any] = {"https": False, "funnel": False, "funnel_ports": ""}
 
 
 def rfc3339(t: float | None) -> str:
@@ -81,6 +93,7 @@ class AuthKey:
     expires: float | None = None
     revoked: bool = False
     uses: int = 0
+    user: str = ""  # login of the untagged nodes' owner; "" is the tailnet's default user
 
     def state(self, now: float) -> str:
         if self.revoked:
@@ -117,16 +130,11 @@ class Node:
     home_derp: int = 0
     hostinfo: dict[str, Any] = field(default_factory=dict)
     last_seen: float | None = None
+    user: str = ""  # the owner's login when untagged; "" is the tailnet's default user
+    caps: dict[str, Any] | None = None  # granted capabilities (NO_CAPS shape); None: the tailnet default
 
     def expired(self, now: float) -> bool:
         return self.key_expiry is not None and now >= self.key_expiry
-
-    def public(self, now: float, online: bool) -> dict[str, Any]:
-        return {"id": self.id, "hostname": self.hostname, "name": self.name,
-                "addresses": [self.ipv4, self.ipv6], "node_key": self.node_key,
-                "key_id": self.key_id, "ephemeral": self.ephemeral, "tags": self.tags,
-                "created": self.created, "key_expiry": self.key_expiry,
-                "expired": self.expired(now), "online": online, "last_seen": self.last_seen}
 
 
 @dataclass
@@ -155,6 +163,7 @@ MAX_NODE_ID = V4_NET.num_addresses - 1  # every id has an address in V4_NET
 MAX_KEY_LIFETIME = 100 * 365 * 86400.0
 MAX_COUNT = 2**53  # exact in every JSON reader
 TAG = r"tag:[a-z0-9][a-z0-9-]*"
+USER_LOGIN = r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,190}"
 NODE_KEY = r"nodekey:[0-9a-f]{64}"
 DISCO_KEY = r"discokey:[0-9a-f]{64}"
 
@@ -231,6 +240,40 @@ def _hostinfo(v: Any) -> dict[str, Any]:
     return _slim_hostinfo(_object(v))
 
 
+def _ports(v: Any) -> str:
+    """Funnel ports as tailscale's CheckFunnelPort reads them: "443,8443,10000-10010" from
+    that string or a list of port numbers and "FIRST-LAST" strings; "" (none) for null or []."""
+    if v is None or v == "":
+        return ""
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, list) or len(items) > 64:
+        raise ValueError(f"want ports like [443, 8443, \"10000-10010\"], got {_short(v)}")
+    out = []
+    for item in items:
+        text = str(item) if type(item) is int else item
+        m = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", text) if isinstance(text, str) else None
+        first, last = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, 0)
+        if not 1 <= first <= last <= 65535:
+            raise ValueError(f"want a port 1..65535 or a range FIRST-LAST, got {_short(item)}")
+        out.append(text)
+    return ",".join(out)
+
+
+def _caps(v: Any) -> dict[str, Any]:
+    """A capability grant, normalised to the NO_CAPS shape; absent keys are not granted."""
+    v = _object(v)
+    for name in v:
+        if name not in NO_CAPS:
+            raise ValueError(f"unknown capability {_short(name)}: want https, funnel, funnel_ports")
+    out = {}
+    for name, check in (("https", _flag), ("funnel", _flag), ("funnel_ports", _ports)):
+        try:
+            out[name] = check(v.get(name, NO_CAPS[name]))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return out
+
+
 def _field(req: dict[str, Any], name: str, check: Callable[[Any], Any]) -> Any:
     """A request field checked, None when absent or null (Go's zero value)."""
     value = req.get(name)
@@ -243,10 +286,11 @@ def _field(req: dict[str, Any], name: str, check: Callable[[Any], Any]) -> Any:
 
 
 _TAGS = _list_of(_text(TAG, "tag:name"), "tag:name strings")
+_USER = _text(f"|{USER_LOGIN}", "a login like alice@example.com")
 _KEY_FIELDS: dict[str, Callable[[Any], Any]] = {
     "id": _text(r"[A-Za-z0-9_-]{1,64}", "a key id"), "secret_hash": _text(r"[0-9a-f]{64}", "a SHA-256 hex"),
     "reusable": _flag, "ephemeral": _flag, "tags": _TAGS, "created": _time,
-    "expires": _optional(_time), "revoked": _flag, "uses": _integer(0, MAX_COUNT)}
+    "expires": _optional(_time), "revoked": _flag, "uses": _integer(0, MAX_COUNT), "user": _USER}
 _NODE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "id": _integer(1, MAX_NODE_ID), "node_key": _text(NODE_KEY, "nodekey:<64 hex>"),
     "machine_key": _text(r"mkey:[0-9a-f]{64}", "mkey:<64 hex>"), "hostname": _text(),
@@ -254,7 +298,7 @@ _NODE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "key_id": _text(), "ephemeral": _flag, "tags": _TAGS, "created": _time,
     "key_expiry": _optional(_time), "disco_key": _text(f"|{DISCO_KEY}", "discokey:<64 hex> or empty"),
     "endpoints": _list_of(_text(), "strings"), "home_derp": _integer(0, 2**31 - 1),
-    "hostinfo": _hostinfo, "last_seen": _optional(_time)}
+    "hostinfo": _hostinfo, "last_seen": _optional(_time), "user": _USER, "caps": _optional(_caps)}
 
 
 def _record(cls: type, checks: dict[str, Callable[[Any], Any]], where: str, raw: Any) -> Any:
@@ -282,9 +326,9 @@ def _parse_state(raw: Any) -> dict[str, Any]:
     checks = {"server_private": _text(r"|[0-9a-f]{64}", "64 hex digits"), "port": _integer(0, 65535),
               "next_node_id": _integer(1, MAX_NODE_ID + 1), "next_key_id": _integer(1, MAX_COUNT),
               "keys": _list_of(lambda v: v, "objects", MAX_COUNT),
-              "nodes": _list_of(lambda v: v, "objects", MAX_COUNT)}
+              "nodes": _list_of(lambda v: v, "objects", MAX_COUNT), "default_caps": _caps}
     defaults: dict[str, Any] = {"server_private": "", "port": 0, "next_node_id": 1, "next_key_id": 1,
-                                "keys": [], "nodes": []}
+                                "keys": [], "nodes": [], "default_caps": NO_CAPS}
     state = {}
     for name, check in checks.items():
         try:
@@ -325,6 +369,7 @@ class Tailnet:
         self.next_key_id = 1
         self.server_private = ""  # hex; the control's Noise key survives restarts
         self.port = 0  # and so does its port: nodes keep the login URL in their state
+        self.default_caps: dict[str, Any] = dict(NO_CAPS)  # for nodes without a grant of their own
         self.events: deque[dict[str, Any]] = deque(maxlen=20000)
         self._load()
 
@@ -344,6 +389,7 @@ class Tailnet:
             raise StateError(f"{self.path}: {e}") from None
         self.server_private, self.port = state["server_private"], state["port"]
         self.next_node_id, self.next_key_id = state["next_node_id"], state["next_key_id"]
+        self.default_caps = state["default_caps"]
         self.keys = {k.id: k for k in state["keys"]}
         for node in state["nodes"]:
             self.nodes[node.id] = node
@@ -351,7 +397,7 @@ class Tailnet:
 
     def save(self) -> None:
         data = {"server_private": self.server_private, "port": self.port, "next_node_id": self.next_node_id,
-                "next_key_id": self.next_key_id,
+                "next_key_id": self.next_key_id, "default_caps": self.default_caps,
                 "keys": [asdict(k) for k in self.keys.values()],
                 "nodes": [asdict(n) for n in self.nodes.values()]}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -377,13 +423,20 @@ class Tailnet:
     # -- keys ----------------------------------------------------------------
 
     def create_key(self, *, reusable: bool = False, ephemeral: bool = False,
-                   expiry: float | None = 90 * 86400.0, tags: list[str] | None = None
-                   ) -> tuple[AuthKey, str]:
+                   expiry: float | None = 90 * 86400.0, tags: list[str] | None = None,
+                   user: str = "") -> tuple[AuthKey, str]:
         """A new key and its secret; only the hash is kept. `expiry`: seconds from now
-        (None: never). AdminError for a bad tag or expiry."""
+        (None: never). `user`: the login that owns the key's nodes ("" the default user);
+        a tagged key's nodes are owned by tagged-devices, so it takes no user.
+        AdminError for a bad tag, user or expiry."""
         for t in tags or []:
             if not isinstance(t, str) or not re.fullmatch(TAG, t):
                 raise AdminError(f"bad tag {_short(t)}: want tag:name")
+        if not isinstance(user, str) or user and not re.fullmatch(USER_LOGIN, user):
+            raise AdminError(f"bad user {_short(user)}: want a login like alice@example.com")
+        if user and tags:
+            raise AdminError(f"a tagged key's nodes are owned by {TAGGED_DEVICES}: "
+                             "give tags or a user, not both")
         if expiry is not None and not (isinstance(expiry, (int, float)) and 0 < expiry <= MAX_KEY_LIFETIME):
             raise AdminError(f"bad expiry {_short(expiry)}: want seconds, at most {MAX_KEY_LIFETIME:.0f}")
         kid = f"k{self.next_key_id:04d}{secrets.token_hex(3)}"
@@ -391,10 +444,10 @@ class Tailnet:
         secret = f"tskey-auth-{kid}-{secrets.token_hex(16)}"
         now = self.now()
         key = AuthKey(kid, _hash_secret(secret), reusable, ephemeral, list(tags or []), now,
-                      None if expiry is None else now + expiry)
+                      None if expiry is None else now + expiry, user=user)
         self.keys[kid] = key
         self.save()
-        self.event("key_created", key=kid, reusable=reusable, ephemeral=ephemeral)
+        self.event("key_created", key=kid, reusable=reusable, ephemeral=ephemeral, user=user)
         return key, secret
 
     def _key(self, kid: str) -> AuthKey:
@@ -465,6 +518,83 @@ class Tailnet:
         self.on_change("changed", node)
         return node
 
+    def public_node(self, node: Node, online: bool) -> dict[str, Any]:
+        """A node as the admin API shows it."""
+        return {"id": node.id, "hostname": node.hostname, "name": node.name,
+                "addresses": [node.ipv4, node.ipv6], "node_key": node.node_key,
+                "key_id": node.key_id, "ephemeral": node.ephemeral, "tags": node.tags,
+                "user": self.owner(node), "caps": self.caps(node), "caps_inherited": node.caps is None,
+                "created": node.created, "key_expiry": node.key_expiry,
+                "expired": node.expired(self.now()), "online": online, "last_seen": node.last_seen}
+
+    # -- users ---------------------------------------------------------------
+
+    @property
+    def default_user(self) -> str:
+        return "admin@" + self.domain
+
+    def owner(self, node: Node) -> str:
+        """The login that owns a node: tagged-devices for a tagged one (as hosted control)."""
+        return TAGGED_DEVICES if node.tags else node.user or self.default_user
+
+    def profile(self, login: str) -> dict[str, Any]:
+        """The tailcfg.UserProfile of a login. IDs derive from the login (the default user
+        is 1), so users need no state of their own."""
+        if login == self.default_user:
+            uid, name = 1, "Admin"
+        else:
+            uid = 2 + int.from_bytes(hashlib.sha256(login.encode()).digest()[:6], "big")
+            name = ("Tagged Devices" if login == TAGGED_DEVICES
+                    else " ".join(w.capitalize() for w in re.split(r"[._+-]+", login.split("@")[0]) if w))
+        return {"ID": uid, "LoginName": login, "DisplayName": name or login}
+
+    # -- capabilities --------------------------------------------------------
+
+    def caps(self, node: Node) -> dict[str, Any]:
+        """What a node is granted (NO_CAPS shape): its own grant, else the tailnet default."""
+        return dict(node.caps if node.caps is not None else self.default_caps)
+
+    def cap_map(self, node: Node) -> dict[str, None]:
+        """tailcfg.Node.CapMap for the node itself: the granted capabilities, no values."""
+        caps = self.caps(node)
+        out: dict[str, None] = {}
+        if caps["https"]:
+            out[CAP_HTTPS] = None
+        if caps["funnel"]:
+            out[CAP_FUNNEL] = None
+        if caps["funnel_ports"]:
+            out[f"{CAP_FUNNEL_PORTS}?ports={caps['funnel_ports']}"] = None
+        return out
+
+    def cert_domains(self, node: Node) -> list[str]:
+        """DNSConfig.CertDomains: the node's FQDN (no trailing dot) once HTTPS is granted."""
+        return [self.fqdn(node).rstrip(".")] if self.caps(node)["https"] else []
+
+    def set_caps(self, node_id: int | None, caps: dict[str, Any] | None) -> list[Node]:
+        """Grant exactly `caps` ({"https": bool, "funnel": bool, "funnel_ports": [443, "8000-8010"]},
+        absent keys not granted) to one node, or as the tailnet default (node_id None) to every
+        node without a grant of its own; `caps` None returns a node to the default. Returns the
+        nodes whose grant changed, each announced through on_change. AdminError for bad arguments."""
+        node = None if node_id is None else self.node(node_id)
+        if caps is None and node is None:
+            raise AdminError("only a node can return to the tailnet default")
+        try:
+            grant = None if caps is None else _caps(caps)
+        except ValueError as e:
+            raise AdminError(f"bad capabilities: {e}") from None
+        targets = [node] if node else [n for n in self.nodes.values() if n.caps is None]
+        before = {n.id: self.caps(n) for n in targets}
+        if node is None:
+            self.default_caps = dict(grant or NO_CAPS)
+        else:
+            node.caps = grant
+        self.save()
+        changed = [n for n in targets if self.caps(n) != before[n.id]]
+        self.event("caps_set", node=node_id, caps=grant, changed=[n.id for n in changed])
+        for n in changed:
+            self.on_change("changed", n)
+        return changed
+
     # -- the protocol's decisions ---------------------------------------------
 
     def _reject(self, text: str, **detail: Any) -> RegisterResult:
@@ -479,7 +609,7 @@ class Tailnet:
         return RegisterResult({"AuthURL": url})
 
     def _success(self, node: Node) -> RegisterResult:
-        who = {"ID": 1, "LoginName": "admin@" + self.domain, "DisplayName": "Admin"}
+        who = self.profile(self.owner(node))
         return RegisterResult({"User": who, "Login": who, "MachineAuthorized": True,
                                "NodeKeyExpired": False}, node=node)
 
@@ -548,7 +678,8 @@ class Tailnet:
         hostname = str(hostinfo.get("Hostname") or "node")
         node = Node(nid, node_key, machine_key, hostname, self._unique_name(hostname), v4, v6,
                     key.id, key.ephemeral, list(key.tags), now,
-                    now + DEFAULT_NODE_KEY_LIFETIME, hostinfo=_slim_hostinfo(hostinfo))
+                    now + DEFAULT_NODE_KEY_LIFETIME, hostinfo=_slim_hostinfo(hostinfo),
+                    user="" if key.tags else key.user)
         self.nodes[nid] = node
         self.by_node_key[node_key] = node
         self.event("node_created", node=nid, hostname=node.name, key=key.id)

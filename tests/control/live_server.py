@@ -108,6 +108,9 @@ def assert_node_json_decodes_in_go(node: dict[str, Any]) -> None:
     for field, pattern in _KEY.items():
         assert isinstance(node[field], str) and re.fullmatch(pattern, node[field]), (field, node[field])
     assert type(node["ID"]) is int and type(node["HomeDERP"]) is int and 0 <= node["HomeDERP"] < 2**31
+    assert type(node["User"]) is int and 0 < node["User"] < 2**53  # tailcfg.UserID
+    cap_map = node.get("CapMap", {})  # tailcfg.NodeCapMap: capability -> null or a list
+    assert isinstance(cap_map, dict) and all(isinstance(k, str) and v is None for k, v in cap_map.items())
     for field in ("Addresses", "AllowedIPs"):
         for prefix in node[field]:
             ipaddress.ip_network(prefix)

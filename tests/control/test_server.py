@@ -17,7 +17,7 @@ import pytest
 
 from supervisor.control import noise
 from supervisor.control.server import ControlServer
-from supervisor.control.tailnet import Tailnet
+from supervisor.control.tailnet import NO_CAPS, Tailnet
 from tests.control.ts2021_client import (HTTPError, MapStream, Ts2021Client, http1, map_body,
                                          node_key, register_body, server_public_key, upgrade)
 
@@ -287,6 +287,12 @@ def test_admin_http(tmp_path: Path) -> None:
     ("/admin/keys", b'{"expiry": -5}'), ("/admin/keys", b'{"tags": [5]}'), ("/admin/keys", b'{"tags": 5}'),
     ("/admin/keys", b"[" * 60_000), ("/admin/fault", b'{"status": 1e999}'),
     ("/admin/fault", b'{"status": "x"}'), ("/admin/fault", b'{"status": 200}'),
+    ("/admin/keys", b'{"user": 5}'), ("/admin/keys", b'{"user": "alice"}'),
+    ("/admin/keys", b'{"user": "a@example.com", "tags": ["tag:x"]}'), ("/admin/caps", b'{"https": "yes"}'),
+    ("/admin/caps", b'{"funnel_ports": [0]}'), ("/admin/caps", b'{"funnel_ports": "1-99999"}'),
+    ("/admin/caps", b'{"node": 99, "https": true}'), ("/admin/caps", b'{"node": "x", "https": true}'),
+    ("/admin/caps", b'{"inherit": true}'), ("/admin/caps", b'{"inherit": "no", "node": 1}'),
+    ("/admin/caps", b'{"bogus": true}'), ("/admin/caps", b'{"funnel_ports": {"443": 1}}'),
 ])
 def test_bad_admin_arguments_are_refused_and_the_state_still_loads(tmp_path: Path, path: str,
                                                                   data: bytes) -> None:
@@ -297,6 +303,7 @@ def test_bad_admin_arguments_are_refused_and_the_state_still_loads(tmp_path: Pat
         status, raw = await http1(srv.url, "POST", path, data, {"Authorization": f"Bearer {token}"})
         assert status in (400, 404) and json.loads(raw)["error"], (status, raw)
         assert srv.admin("list_keys") == [] and srv.fault_status is None
+        assert srv.tailnet.default_caps == NO_CAPS
 
     run(tmp_path, body)
     Tailnet(tmp_path / "control" / "state.json")  # loads: no StateError
@@ -432,5 +439,109 @@ def test_lite_map_request_gets_one_message_and_ends(tmp_path: Path) -> None:
             p["Key"] == nk_b and p["Endpoints"] == ["127.0.0.1:41641"]
             for p in m.get("PeersChanged", [])), 5)
         assert not srv.online(node_id(srv, nk_b))
+
+    run(tmp_path, body)
+
+
+# -- owners and capabilities on the wire ---------------------------------------------------------
+
+FUNNEL_PORTS_443 = "https://tailscale.com/cap/funnel-ports?ports=443"
+
+
+def test_every_peer_s_owner_has_a_user_profile_in_full_maps_and_deltas(tmp_path: Path) -> None:
+    """tailscaled's WhoIs (serve's identity headers) finds a peer's user only in UserProfiles."""
+    async def body(srv: ControlServer, stack: contextlib.AsyncExitStack) -> None:
+        alice = srv.admin("create_key", user="alice@example.com")["secret"]
+        tagged = srv.admin("create_key", tags=["tag:web"])["secret"]
+        bob = srv.admin("create_key", user="bob@example.com")["secret"]
+        a = await join(srv, stack, alice, "alice-laptop")
+        t = await join(srv, stack, tagged, "web")
+
+        def profiles(msg: dict[str, Any]) -> dict[int, str]:
+            return {p["ID"]: p["LoginName"] for p in msg.get("UserProfiles", [])}
+
+        me = a.first["Node"]
+        assert profiles(a.first) == {me["User"]: "alice@example.com"}
+        full = t.first  # the full map names the owners of the node and of every peer
+        owners = {full["Node"]["User"]: "tagged-devices", full["Peers"][0]["User"]: "alice@example.com"}
+        assert owners.items() <= profiles(full).items()
+        assert full["Node"]["Tags"] == ["tag:web"] and full["Peers"][0]["Tags"] == []
+
+        b = await join(srv, stack, bob, "bob-laptop")
+        for j in (a, t):  # a delta brings the newcomer's profile with it
+            delta = await j.stream.wait_for(peers_changed_with(b.nk), 5)
+            peer = next(p for p in delta["PeersChanged"] if p["Key"] == b.nk)
+            assert profiles(delta)[peer["User"]] == "bob@example.com"
+        assert [p["DisplayName"] for p in b.first["UserProfiles"] if p["LoginName"] == "bob@example.com"] \
+            == ["Bob"]
+
+    run(tmp_path, body)
+
+
+def test_granted_capabilities_reach_the_node_at_once_and_only_the_node(tmp_path: Path) -> None:
+    async def body(srv: ControlServer, stack: contextlib.AsyncExitStack) -> None:
+        secret = srv.admin("create_key", reusable=True)["secret"]
+        a = await join(srv, stack, secret, "alpha")
+        b = await join(srv, stack, secret, "beta")
+        assert "CapMap" not in a.first["Node"] and a.first["DNSConfig"] == {}  # the default: none
+        aid = node_id(srv, a.nk)
+
+        out = srv.admin("set_caps", node=aid, https=True, funnel=True, funnel_ports=[443])
+        assert out == {"node": aid, "caps": {"https": True, "funnel": True, "funnel_ports": "443"},
+                       "pushed": [aid]}
+        msg = await a.stream.wait_for(lambda m: "CapMap" in m.get("Node", {}), 5)
+        assert msg["Node"]["CapMap"] == {"https": None, "funnel": None, FUNNEL_PORTS_443: None}
+        assert msg["DNSConfig"] == {"CertDomains": ["alpha.tailnet.test"]}
+        seen_by_b = await b.stream.wait_for(peers_changed_with(a.nk), 5)
+        assert "CapMap" not in seen_by_b["PeersChanged"][0] and "DNSConfig" not in seen_by_b
+
+        # a node that reconnects gets its grant in the first map, too
+        again = await a.client.map_stream(map_body(a.nk, "alpha"))
+        first = await again.next_message(5)
+        assert first is not None and first["Node"]["CapMap"][FUNNEL_PORTS_443] is None
+        assert first["DNSConfig"]["CertDomains"] == ["alpha.tailnet.test"]
+
+        srv.admin("set_caps", node=aid, inherit=True)  # back to the default: all withdrawn
+        msg = await a.stream.wait_for(lambda m: "Node" in m and "CapMap" not in m["Node"], 5)
+        assert msg["DNSConfig"] == {}
+
+        # the tailnet default reaches every node without a grant of its own
+        srv.admin("set_caps", node=node_id(srv, b.nk))  # beta: explicitly nothing
+        out = srv.admin("set_caps", https=True)
+        assert out["node"] is None and out["pushed"] == [aid]
+        msg = await a.stream.wait_for(lambda m: "Node" in m and "CapMap" in m["Node"], 5)
+        assert msg["Node"]["CapMap"] == {"https": None}
+        listed = {n["hostname"]: (n["caps"]["https"], n["caps_inherited"]) for n in srv.admin("list_nodes")}
+        assert listed == {"alpha": (True, True), "beta": (False, False)}
+        assert srv.admin("list_caps") == {
+            "default": {"https": True, "funnel": False, "funnel_ports": ""},
+            "nodes": {str(aid): {"https": True, "funnel": False, "funnel_ports": ""},
+                      str(node_id(srv, b.nk)): {"https": False, "funnel": False, "funnel_ports": ""}}}
+
+    run(tmp_path, body)
+
+
+def test_admin_http_caps_and_key_owner(tmp_path: Path) -> None:
+    async def body(srv: ControlServer, stack: contextlib.AsyncExitStack) -> None:
+        token = (srv.data_dir / "admin-token").read_text().strip()
+        auth = {"Authorization": f"Bearer {token}"}
+
+        async def admin(method: str, path: str, data: dict[str, Any] | None = None) -> tuple[int, Any]:
+            status, raw = await http1(srv.url, method, path, json.dumps(data).encode() if data else b"", auth)
+            return status, json.loads(raw)
+
+        status, key = await admin("POST", "/admin/keys", {"user": "alice@example.com"})
+        assert status == 200 and key["user"] == "alice@example.com"
+        _, nk = await register(srv, stack, key["secret"], "laptop")
+        nid = node_id(srv, nk)
+        assert [n["user"] for n in (await admin("GET", "/admin/nodes"))[1]] == ["alice@example.com"]
+
+        status, out = await admin("POST", "/admin/caps", {"node": nid, "https": True,
+                                                          "funnel_ports": "443,8443"})
+        assert status == 200 and out["caps"] == {"https": True, "funnel": False, "funnel_ports": "443,8443"}
+        status, out = await admin("GET", "/admin/caps")
+        assert status == 200 and out["nodes"][str(nid)]["funnel_ports"] == "443,8443"
+        status, out = await admin("POST", "/admin/caps", {"node": nid, "inherit": True})
+        assert status == 200 and out["caps"] == {"https": False, "funnel": False, "funnel_ports": ""}
 
     run(tmp_path, body)

@@ -267,3 +267,154 @@ def test_node_key_rotation(net: Tailnet) -> None:
     r = net.register(req(new, secret, OldNodeKey=old), MKEY, BASE)
     assert r.node is node and node.node_key == new and len(net.nodes) == 1
     assert old not in net.by_node_key and net.by_node_key[new] is node
+
+
+# -- owners: who a node belongs to, as serve's identity headers need it ------------------------
+
+
+def test_untagged_nodes_are_owned_by_the_keys_user_and_tagged_ones_by_tagged_devices(net: Tailnet) -> None:
+    _, default = net.create_key(reusable=True)
+    _, alice = net.create_key(reusable=True, user="alice@example.com")
+    _, bob = net.create_key(reusable=True, user="bob.smith@example.com")
+    _, tagged = net.create_key(reusable=True, tags=["tag:web"])
+    nodes = {name: ok(net, nk(), secret, name) for name, secret in
+             (("d", default), ("a", alice), ("b", bob), ("t", tagged))}
+    assert {k: net.owner(n) for k, n in nodes.items()} == {
+        "d": "admin@tailnet.test", "a": "alice@example.com", "b": "bob.smith@example.com",
+        "t": tn.TAGGED_DEVICES}
+    profiles = {k: net.profile(net.owner(n)) for k, n in nodes.items()}
+    assert profiles["d"] == {"ID": 1, "LoginName": "admin@tailnet.test", "DisplayName": "Admin"}
+    assert profiles["a"]["DisplayName"] == "Alice" and profiles["b"]["DisplayName"] == "Bob Smith"
+    assert profiles["t"]["LoginName"] == "tagged-devices" and profiles["t"]["DisplayName"] == "Tagged Devices"
+    ids = [p["ID"] for p in profiles.values()]
+    assert len(set(ids)) == 4 and all(type(i) is int and 0 < i < 2**53 for i in ids)
+    # a second node of alice's shares her user; the register answer names the owner
+    r = net.register(req(nk(), alice, "a2"), MKEY, BASE)
+    assert r.response["User"] == r.response["Login"] == profiles["a"]
+
+
+def test_user_ids_survive_a_reload(tmp_path: Path, net: Tailnet) -> None:
+    _, alice = net.create_key(user="alice@example.com")
+    node = ok(net, nk(), alice, "a")
+    again = Tailnet(tmp_path / "state.json")
+    assert again.owner(again.nodes[node.id]) == "alice@example.com"
+    assert again.profile("alice@example.com") == net.profile("alice@example.com")
+    assert [k.user for k in again.keys.values()] == ["alice@example.com"]
+
+
+@pytest.mark.parametrize("user,tags,reason", [
+    ("alice", [], "bad user"), ("tagged-devices", [], "bad user"), ("a b@example.com", [], "bad user"),
+    ("alice@example.com\n", [], "bad user"), (5, [], "bad user"),
+    ("alice@example.com", ["tag:web"], "tags or a user, not both"),
+])
+def test_bad_key_owner_is_refused(net: Tailnet, user: Any, tags: list[str], reason: str) -> None:
+    with pytest.raises(tn.AdminError, match=reason):
+        net.create_key(user=user, tags=tags)
+    assert net.keys == {}
+
+
+# -- capabilities: https, funnel, funnel-ports ------------------------------------------------
+
+
+def test_no_capabilities_unless_granted(net: Tailnet) -> None:
+    _, secret = net.create_key()
+    node = ok(net, nk(), secret, "web")
+    assert net.caps(node) == tn.NO_CAPS and net.cap_map(node) == {} and net.cert_domains(node) == []
+
+
+def test_a_node_grant_gives_exactly_its_capabilities(net: Tailnet) -> None:
+    heard: list[tuple[str, int]] = []
+    net.on_change = lambda kind, node: heard.append((kind, node.id))
+    _, secret = net.create_key(reusable=True)
+    web, other = ok(net, nk(), secret, "web"), ok(net, nk(), secret, "other")
+    heard.clear()
+
+    assert net.set_caps(web.id, {"https": True}) == [web]
+    assert net.cap_map(web) == {"https": None} and net.cert_domains(web) == ["web.tailnet.test"]
+    full = {"https": True, "funnel": True, "funnel_ports": [443, "8443", "10000-10010"]}
+    assert net.set_caps(web.id, full) == [web]
+    assert net.cap_map(web) == {"https": None, "funnel": None,
+                                "https://tailscale.com/cap/funnel-ports?ports=443,8443,10000-10010": None}
+    assert net.set_caps(web.id, {"https": True, "funnel": True, "funnel_ports": "443,8443,10000-10010"}) == []
+    assert heard == [("changed", web.id)] * 2  # a grant that changes nothing pushes nothing
+    assert net.cap_map(other) == {} and net.cert_domains(other) == []
+
+    net.set_caps(web.id, {"funnel": True})  # exactly what is given: https withdrawn
+    assert net.cap_map(web) == {"funnel": None} and net.cert_domains(web) == []
+
+
+def test_the_tailnet_default_covers_nodes_without_a_grant_of_their_own(
+        tmp_path: Path, net: Tailnet) -> None:
+    heard: list[int] = []
+    net.on_change = lambda kind, node: heard.append(node.id)
+    _, secret = net.create_key(reusable=True)
+    a, b = ok(net, nk(), secret, "a"), ok(net, nk(), secret, "b")
+    net.set_caps(b.id, {})  # b: explicitly nothing
+    heard.clear()
+    assert net.set_caps(None, {"https": True, "funnel": True}) == [a]
+    assert heard == [a.id]
+    late = ok(net, nk(), secret, "late")
+    assert net.caps(late)["https"] and net.caps(a)["funnel"] and net.caps(b) == tn.NO_CAPS
+    assert net.set_caps(b.id, None) == [b] and net.caps(b)["https"]  # back to the default
+
+    again = Tailnet(tmp_path / "state.json")
+    assert again.default_caps == {"https": True, "funnel": True, "funnel_ports": ""}
+    assert again.nodes == net.nodes
+    net.set_caps(a.id, {"funnel_ports": [443]})
+    assert Tailnet(tmp_path / "state.json").nodes[a.id].caps == {
+        "https": False, "funnel": False, "funnel_ports": "443"}
+
+
+@pytest.mark.parametrize("caps,reason", [
+    ({"https": "yes"}, "https: want true or false"), ({"funnel": 1}, "funnel: want true or false"),
+    ({"funnel_ports": [0]}, "funnel_ports: want a port"), ({"funnel_ports": [65536]}, "funnel_ports"),
+    ({"funnel_ports": ["443-80"]}, "funnel_ports"), ({"funnel_ports": "443;80"}, "funnel_ports"),
+    ({"funnel_ports": [True]}, "funnel_ports"), ({"funnel_ports": [443.0]}, "funnel_ports"),
+    ({"funnel_ports": {"443": 1}}, "funnel_ports"), ({"funnel_ports": list(range(1, 100))}, "funnel_ports"),
+    ({"bogus": True}, "unknown capability 'bogus'"), ([], "want an object"),
+])
+def test_bad_grant_is_refused_naming_the_capability(net: Tailnet, caps: Any, reason: str) -> None:
+    _, secret = net.create_key()
+    node = ok(net, nk(), secret, "web")
+    for target in (node.id, None):
+        with pytest.raises(tn.AdminError, match=f"bad capabilities: .*{reason}"):
+            net.set_caps(target, caps)
+    assert node.caps is None and net.default_caps == tn.NO_CAPS
+
+
+def test_grant_for_unknown_node_or_default_without_caps_is_refused(net: Tailnet) -> None:
+    with pytest.raises(tn.AdminError, match="no node 7"):
+        net.set_caps(7, {"https": True})
+    with pytest.raises(tn.AdminError, match="only a node"):
+        net.set_caps(None, None)
+
+
+@pytest.mark.parametrize("caps", [
+    {"https": "yes", "funnel": False, "funnel_ports": ""}, {"https": True, "funnel_ports": "0"},
+    {"https": True, "extra": 1}, ["https"],
+])
+def test_state_with_a_bad_grant_is_one_error(tmp_path: Path, net: Tailnet, caps: Any) -> None:
+    _, secret = net.create_key()
+    ok(net, nk(), secret, "web")
+    for where in ("node", "default"):
+        state = json.loads(net.path.read_text())
+        if where == "node":
+            state["nodes"][0]["caps"] = caps
+        else:
+            state["default_caps"] = caps
+        net.path.write_text(json.dumps(state))
+        with pytest.raises(tn.StateError, match=r"(nodes\[0\]\.caps|default_caps): ") as e:
+            Tailnet(net.path)
+        assert "\n" not in str(e.value)
+        net.save()
+
+
+def test_state_written_before_owners_and_caps_still_loads(tmp_path: Path, net: Tailnet) -> None:
+    _, secret = net.create_key()
+    node = ok(net, nk(), secret, "old")
+    state = json.loads(net.path.read_text())
+    del state["default_caps"], state["keys"][0]["user"], state["nodes"][0]["user"], state["nodes"][0]["caps"]
+    net.path.write_text(json.dumps(state))
+    again = Tailnet(net.path)
+    assert again.owner(again.nodes[node.id]) == "admin@tailnet.test"
+    assert again.caps(again.nodes[node.id]) == tn.NO_CAPS
