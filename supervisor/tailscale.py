@@ -197,7 +197,8 @@ def serve_apply_command(bins: Binaries, socket: Path, service: Service) -> list[
     """Add one service to the node's serve config, in the background (kept
     in tailscaled's state; no child stays running). The CLI performs
     tailscale's own checks (HTTPS, Funnel) and writes the config."""
-    argv = [str(bins.tailscale), f"--socket={socket}", "serve", "--bg", "--yes",
+    verb = "funnel" if service.funnel else "serve"  # funnel: serve, and let the Internet in
+    argv = [str(bins.tailscale), f"--socket={socket}", verb, "--bg", "--yes",
             f"--{service.mode}={service.port}"]
     if service.mode in WEB_MODES and service.path not in ("", "/"):
         argv.append(f"--set-path={service.path}")

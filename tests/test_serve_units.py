@@ -125,3 +125,40 @@ def test_a_changed_service_set_is_applied_by_reload_with_the_same_tailscaled(sup
     assert (after["pid"], after["state"]) == (before["pid"], "running")
     assert control.node_named("app")["id"] == node
     assert not [e for e in sup.events()[n:] if e["proxy"] == "app" and e["state"]]
+
+
+def test_funnel_preflight_names_each_missing_prerequisite_and_never_restarts(sup, control, tmp_path, any_bins):
+    """As tailscale checks it (ipn.NodeCanFunnel, CheckFunnelPort): HTTPS with
+    cert domains, the funnel attribute, an allowed port. Each missing one is
+    its own reason; the rest is served; tailscaled is never restarted. The
+    embedded control cannot issue certificates or run Funnel ingress, so this
+    proves the pre-flight and the serve config, not Internet traffic."""
+    from tests.harness import wait_for
+    from tests.test_supervisor import key_file
+    sup.settings.update(tailscale=str(any_bins.tailscale), tailscaled=str(any_bins.tailscaled),
+                        reconcile_period=0.5)
+    path, _ = key_file(tmp_path, control, "k", reusable=True)
+    sup.write_proxy("app", hostname="app", login_server=control.url, auth_key_file=str(path),
+                    serve=[{"port": 80, "target": "http://127.0.0.1:8080"},
+                           {"port": 443, "mode": "https", "target": "http://127.0.0.1:8080", "funnel": True}])
+    sup.start()
+
+    def reason_has(words: str) -> dict:
+        return wait_for(lambda: (s := sup.status()["app"])["state"] == "degraded" and words in s["reason"]
+                        and s, 30, words)
+    st = reason_has("HTTPS certificates are not enabled on this tailnet")
+    pid = st["pid"]
+    sock = sup.data_dir / "proxies" / "app" / "state" / "tailscaled.sock"
+    raw = asyncio.run(ts.LocalAPI(sock).request("GET", "/localapi/v0/serve-config"))
+    assert {s.port for s in ts.serve_services(json.loads(raw))} == {80}  # the rest is served
+    control.admin("set_caps", https=True)
+    reason_has('Funnel not available; "funnel" node attribute not set')
+    control.admin("set_caps", https=True, funnel=True, funnel_ports=[8443])
+    reason_has("port 443 is not allowed for funnel; allowed ports are: 8443")
+    control.admin("set_caps", https=True, funnel=True, funnel_ports=[443, 8443, 10000])
+    wait_for(lambda: sup.status()["app"]["state"] == "running", 30, "running with funnel")
+    raw = asyncio.run(ts.LocalAPI(sock).request("GET", "/localapi/v0/serve-config"))
+    assert {(s.port, s.mode, s.funnel) for s in ts.serve_services(json.loads(raw))} == {
+        (80, "http", False), (443, "https", True)}
+    st = sup.status()["app"]
+    assert (st["pid"], st["restarts"], st["recoveries"]) == (pid, 0, 0)
