@@ -600,6 +600,12 @@ class Proxy:
             obs = await api.observe()
             self.observed = obs
             diffs = rc.reconcile(want, obs)
+            if obs.services != servable and not L.serve_error:
+                # the CLI said yes but the config is not there (a control that answers the
+                # feature query with nothing): count it as a failure, so retries back off
+                L.serve_error = "tailscale serve reported success, but the serve config still differs"
+                L.serve_attempts += 1
+                L.serve_retry_at = time.monotonic() + self._backoff(L.serve_attempts)
         if not diffs:
             if L.serve_error:
                 L.serve_error = ""
@@ -618,8 +624,7 @@ class Proxy:
         record who the node is (node.json: ID, DNS name, IPs), outside the
         state dir, for a recovery that must keep the node's identity."""
         try:
-            if statefile.keep_copy(self.statedir, self.dir / statefile.COPY_NAME):
-                self._note("state_kept", "kept a copy of tailscaled.state")
+            statefile.keep_copy(self.statedir, self.dir / statefile.COPY_NAME)
             record = {"node_id": obs.node_id, "dns_name": obs.dns_name,
                       "tailscale_ips": list(obs.tailscale_ips), "hostname": obs.hostname}
             path = self.dir / "node.json"
