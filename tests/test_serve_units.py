@@ -8,6 +8,7 @@ import json
 import pytest
 
 from supervisor import tailscale as ts
+from tests.control.test_serve_identity import recorder  # noqa: F401  (fixture)
 from tests.harness import Node
 from tests.test_supervisor import run_proxy
 
@@ -162,3 +163,29 @@ def test_funnel_preflight_names_each_missing_prerequisite_and_never_restarts(sup
         (80, "http", False), (443, "https", True)}
     st = sup.status()["app"]
     assert (st["pid"], st["restarts"], st["recoveries"]) == (pid, 0, 0)
+
+
+def test_identity_headers_reach_the_upstream_behind_a_supervised_proxy(sup, control, tmp_path, recorder,
+                                                                        node_factory):
+    """A user-owned peer's login reaches the upstream; a tagged peer's request
+    carries no identity; headers a peer forges are dropped either way."""
+    from tests.control.test_serve_identity import FORGED, IDENTITY, fetch
+    from tests.harness import free_port, wait_for
+    port, seen = recorder
+    proxy_key = control.admin("create_key", reusable=True, tags=["tag:proxy"])["secret"]
+    keyfile = tmp_path / "proxy.secret"
+    keyfile.write_text(proxy_key + "\n")
+    sup.write_proxy("app", hostname="app", login_server=control.url, auth_key_file=str(keyfile),
+                    tags=["tag:proxy"], serve=[{"port": 80, "target": f"http://127.0.0.1:{port}"}])
+    sup.start()
+    sup.wait_state("app", "running", 30)
+    socks = {}
+    for name, key in (("alice", control.admin("create_key", user="alice@example.com")["secret"]),
+                      ("robot", control.admin("create_key", tags=["tag:ci"])["secret"])):
+        socks[name] = free_port()
+        node_factory(name, socks5_port=socks[name]).up(key, name)
+    for name in socks:
+        wait_for(lambda: fetch(socks[name], f"http://app.tailnet.test/{name}", FORGED), 20, f"{name} fetches")
+    assert seen["/alice"].get("Tailscale-User-Login") == "alice@example.com"
+    assert not {h for h in IDENTITY if h in seen["/robot"]}
+    assert sup.status()["app"]["state"] == "running"
