@@ -48,8 +48,10 @@ def test_a_wipe_keeps_the_certificates(sup, control, tmp_path):
     assert (certs / "app.tailnet.test.crt").read_text() == "planted certificate\n"
 
 
-def test_three_services_on_one_proxy_each_reached_by_a_peer(sup, tmp_path, bins, local_http, local_echo):
+def test_three_services_on_one_proxy_each_reached_by_a_peer(sup, tmp_path, any_bins, local_http, local_echo):
     """http on 80, a /api mount on 80 and tcp on 22, under one tailnet name."""
+    bins = any_bins
+    sup.settings.update(tailscale=str(bins.tailscale), tailscaled=str(bins.tailscaled))
     import http.server
     import threading
     from supervisor.control.cli import AdminClient
@@ -103,8 +105,9 @@ target = "tcp://127.0.0.1:{local_echo}"
         api.server_close()
 
 
-def test_a_changed_service_set_is_applied_by_reload_with_the_same_tailscaled(sup, control, tmp_path):
+def test_a_changed_service_set_is_applied_by_reload_with_the_same_tailscaled(sup, control, tmp_path, any_bins):
     from tests.test_supervisor import key_file
+    sup.settings.update(tailscale=str(any_bins.tailscale), tailscaled=str(any_bins.tailscaled))
     path, _ = key_file(tmp_path, control, "k", reusable=True)
     sup.write_proxy("app", hostname="app", login_server=control.url, auth_key_file=str(path),
                     serve=[{"port": 80, "target": "http://127.0.0.1:8080"}])
@@ -189,3 +192,46 @@ def test_identity_headers_reach_the_upstream_behind_a_supervised_proxy(sup, cont
     assert seen["/alice"].get("Tailscale-User-Login") == "alice@example.com"
     assert not {h for h in IDENTITY if h in seen["/robot"]}
     assert sup.status()["app"]["state"] == "running"
+
+
+def test_a_unix_socket_upstream_serves_on_1_96(sup, tmp_path, bins):
+    """`unix:/PATH` (tailscale 1.94 and later): the upstream listens on a
+    socket no other local user can reach, so identity headers can be trusted."""
+    import http.server
+    import os
+    import socketserver
+    import tempfile
+    import threading
+    from supervisor.control.cli import AdminClient
+    from tests.conftest import BODY, _Handler
+    from tests.harness import curl_via, free_port, wait_for
+
+    class UnixHTTP(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+    class Handler(_Handler):
+        def address_string(self) -> str:  # a unix peer has no (host, port)
+            return "unix"
+    d = tempfile.mkdtemp(prefix="ts-unix-", dir="/tmp")
+    path = os.path.join(d, "app.sock")
+    srv = UnixHTTP(path, Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        sup.write_proxy("app", login_server="embedded", serve=[{"port": 80, "target": f"unix:{path}"}])
+        sup.start()
+        sup.wait_state("app", "running", 30)
+        admin = AdminClient.from_data_dir(sup.data_dir / "control")
+        socks = free_port()
+        peer = Node(bins=bins, statedir=tmp_path / "peer", control_url=admin.url, socks5_port=socks)
+        try:
+            peer.start()
+            peer.up(admin.create_key()["secret"], "peer")
+            wait_for(lambda: curl_via(socks, "http://app.tailnet.test/") == BODY.decode(), 20,
+                     "a peer to fetch through the unix upstream")
+        finally:
+            peer.kill()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        os.unlink(path)
+        os.rmdir(d)
