@@ -197,7 +197,6 @@ def test_identity_headers_reach_the_upstream_behind_a_supervised_proxy(sup, cont
 def test_a_unix_socket_upstream_serves_on_1_96(sup, tmp_path, bins):
     """`unix:/PATH` (tailscale 1.94 and later): the upstream listens on a
     socket no other local user can reach, so identity headers can be trusted."""
-    import http.server
     import os
     import socketserver
     import tempfile
