@@ -107,7 +107,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         _err(str(answer.get("error") or "the supervisor gave no status"))
         return EXIT_ERROR
     if args.json:
-        print(json.dumps({"proxies": answer["proxies"]}, indent=2))
+        print(json.dumps({"proxies": answer["proxies"],
+                          "config_errors": answer.get("config_errors", [])}, indent=2))
         return EXIT_OK
     from rich.console import Console
 

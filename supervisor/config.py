@@ -70,6 +70,9 @@ def url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
         host = None
     if host is None or parts.scheme not in schemes:
         return f"{show(url)} must look like {' or '.join(f'{s}://HOST:PORT' for s in schemes)}"
+    if "@" in parts.netloc:  # never echo it: it may be a password
+        return ("must not carry USER:PASSWORD@ (it would be shown in status, events and logs; "
+                "let the upstream trust the tailnet identity headers instead)")
     try:
         port = parts.port
     except ValueError:
@@ -278,7 +281,8 @@ def parse_proxy(path: Path, raw: dict[str, Any], tailscale_version: tuple[int, .
     errs = _Errors(path)
     name = path.stem
     if not _NAME_RE.fullmatch(name):
-        errs.add(None, "file name must be letters, digits, '-' or '_' (it names the proxy)")
+        errs.add(None, "file name must be 1-63 letters, digits, '-' or '_', starting with a letter or "
+                       "digit (it names the proxy)")
     for key in sorted(set(raw) - _PROXY_KEYS):
         errs.add(show_key(key), f"unknown key (known: {', '.join(sorted(_PROXY_KEYS))})")
 

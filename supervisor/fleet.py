@@ -266,7 +266,8 @@ class Fleet:
         removed = [n for n in self.proxies if n not in wanted and n not in bad_files]
         changed = [n for n, c in wanted.items()
                    if n in self.proxies and self.proxies[n].cfg.fingerprint() != c.fingerprint()]
-        await self._stop_all(removed + changed)
+        await self._stop_all(removed, "removed from the config dir")
+        await self._stop_all(changed, "config changed: restarting with it")
         for n, c in wanted.items():  # only the [[serve]] set changed: applied in place
             if n in self.proxies and n not in changed and self.proxies[n].cfg != c:
                 self.proxies[n].update_services(c)
@@ -294,9 +295,9 @@ class Fleet:
         except Exception as e:
             self._note(proxy.cfg.name, "internal_error", repr(e))
 
-    async def _stop_all(self, names: list[str]) -> None:
+    async def _stop_all(self, names: list[str], reason: str = "supervisor stopping") -> None:
         for n in names:
-            self.proxies[n].shutdown()
+            self.proxies[n].shutdown(reason)
         for n in names:
             await self.tasks.pop(n)
             self.proxies.pop(n)

@@ -157,6 +157,9 @@ def cmd_events(args: argparse.Namespace) -> int:
             return None
         return line if args.json else _event_line(line)
     path = args.data_dir / "events.jsonl"
+    if args.name and not (args.data_dir / "proxies" / args.name).is_dir():
+        _err(f"no proxy named {args.name!r} in {args.data_dir}")  # as logs says it
+        return EXIT_ERROR
     return _print_lines(path, args.lines, args.follow, show,
                         f"{path}: no events yet (has the supervisor run with this data dir?)")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,6 +98,12 @@ def from_exit(returncode: int | None, tail: list[str]) -> Verdict:
     for line in reversed(tail):
         if _STATE_STORE.search(line):
             return Verdict(Signal.CORRUPT_STATE, "state file unreadable: " + whole(line))
+    if returncode is not None and returncode < 0:  # a signal has no last words of its own
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return Verdict(Signal.CRASH, f"tailscaled was killed by {name}")
     last = next((l for l in reversed(tail) if l.strip()), "")
     detail = f": {whole(last)}" if last else ""
     return Verdict(Signal.CRASH, f"tailscaled exited with status {returncode}{detail}")

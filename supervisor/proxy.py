@@ -73,6 +73,7 @@ class ProxySnapshot:
     reason: str = ""          # why the proxy is not `running` now ("" when it is)
     node_id: str = ""         # the node's stable ID (Self.ID) once known
     upstream: str | None = None  # last probe of the target: "ok", "refused", "timeout", "TLS: ..."; None: not probed yet
+    services: tuple[tuple[int, str, str, str, bool], ...] = ()  # configured (port, mode, path, target, funnel)
 
     @classmethod
     def from_json(cls, p: dict) -> "ProxySnapshot":
@@ -84,7 +85,11 @@ class ProxySnapshot:
                    recoveries=p["recoveries"], last_error=p["last_error"],
                    since=datetime.fromisoformat(p["since"]).timestamp(),
                    key_expiry=p.get("key_expiry"), reason=p.get("reason", ""),
-                   node_id=p.get("node_id", ""), upstream=p.get("upstream"))
+                   node_id=p.get("node_id", ""), upstream=p.get("upstream"),
+                   running_since=(datetime.fromisoformat(p["running_since"]).timestamp()
+                                  if p.get("running_since") else None),
+                   services=tuple((x["port"], x["mode"], x["path"], x["target"], x["funnel"])
+                                  for x in p.get("services", ())))
 
     def to_json(self) -> dict:
         """One proxy in `status --json` (schema: README, "status --json")."""
@@ -94,6 +99,9 @@ class ProxySnapshot:
                 "since": iso(self.since), "node_id": self.node_id,
                 "tailscale_ips": list(self.tailscale_ips), "dns_name": self.dns_name,
                 "key_expiry": self.key_expiry, "target": self.target, "upstream": self.upstream,
+                "services": [{"port": p, "mode": m, "path": path, "target": t, "funnel": f}
+                             for p, m, path, t, f in self.services],
+                "running_since": iso(self.running_since) if self.running_since else None,
                 "pid": self.pid, "restarts": self.restarts, "recoveries": self.recoveries}
 
 
@@ -123,6 +131,8 @@ class Launch:
     hostname_retry_at: float = 0.0
     hostname_attempts: int = 0
     logged_in: bool = False  # a `tailscale up` of this launch succeeded
+    config_changed: bool = False  # the desired serve set changed: the next difference is ours, not drift
+    reprobe: asyncio.Event = field(default_factory=asyncio.Event)  # probe the upstreams now
 
 
 def wipe_statedir(statedir: Path) -> None:
@@ -183,10 +193,10 @@ class Proxy:
         self.budget.rearm()
         self.request(Signal.FORCE_RECOVER, "operator forced a stale-state recovery")
 
-    def shutdown(self) -> None:
-        """Stop the children and make run() return."""
+    def shutdown(self, reason: str = "supervisor stopping") -> None:
+        """Stop the children and make run() return; `reason` is what the event says."""
         self._exit_when_stopped = True
-        self.request(Signal.STOP, "supervisor stopping")
+        self.request(Signal.STOP, reason)
 
     def desired(self) -> rc.Desired:
         """What the config asks of the node (reconcile.Desired)."""
@@ -204,7 +214,9 @@ class Proxy:
         L = self._launch
         if L is not None:
             L.serve_retry_at = 0.0
+            L.config_changed = True
             L.dirty.set()
+            L.reprobe.set()
 
     def snapshot(self) -> ProxySnapshot:
         L = self._launch
@@ -223,7 +235,8 @@ class Proxy:
             last_error=self.last_error, since=self.since,
             child_pids=pids, key_expiry=node.key_expiry if node else None,
             running_since=running_wall, reason=self.reason,
-            node_id=node.node_id if node else "", upstream=self.upstream)
+            node_id=node.node_id if node else "", upstream=self.upstream,
+            services=tuple((x.port, x.mode, x.path, x.target, x.funnel) for x in self.cfg.services))
 
     async def run(self) -> None:
         """The proxy's main loop. Returns only after shutdown() has stopped everything."""
@@ -513,8 +526,8 @@ class Proxy:
                 async for ev in api.watch_bus():
                     for v in policy.from_bus(ev):
                         self.post(L, v)
-                    if not ev.netmap:
-                        L.dirty.set()
+                    if not ev.netmap or self.state is not State.RUNNING:
+                        L.dirty.set()  # a netmap brings grants (HTTPS, Funnel) a degraded proxy waits for
             except (OSError, ts.LocalAPIError, asyncio.IncompleteReadError):
                 pass
             if not (L.tailscaled and L.tailscaled.alive):
@@ -581,8 +594,9 @@ class Proxy:
             return
         refused = rc.serve_preflight(want, obs)
         servable = frozenset(want.services - refused.keys())
-        if self.state is State.RUNNING and diffs:  # it was serving; something changed under it
+        if self.state is State.RUNNING and diffs and not L.config_changed:  # changed under it, by hand
             self._note("drift", "; ".join(d.reason for d in diffs))
+        L.config_changed = False
         fixed = False
         if rc.Kind.HOSTNAME in kinds and now >= L.hostname_retry_at:
             err = await self._cli(L, ts.set_hostname_command(self.ctx.bins, self.socket,
@@ -672,14 +686,22 @@ class Proxy:
         return redact(policy.whole(last))
 
     async def _watch_upstream(self, L: Launch) -> None:
-        """Probe the target the way serve reaches it, every reconcile period.
-        Seen, never acted on: a failing upstream is not a proxy state."""
+        """Probe each target the way serve reaches it, every reconcile period
+        and at once when the services change. One line for the proxy: "ok",
+        the single target's result, or with several targets the first failing
+        one as "TARGET: result". Seen, never acted on: not a proxy state."""
         while not L.stopping:
-            result = await upstream.probe(self.cfg.target)
+            targets = sorted({s.target for s in self.cfg.services})
+            results = await asyncio.gather(*(upstream.probe(t) for t in targets))
+            bad = [(t, r) for t, r in zip(targets, results) if r != "ok"]
+            result = "ok" if not bad else bad[0][1] if len(targets) == 1 else f"{bad[0][0]}: {bad[0][1]}"
             if result != self.upstream:
-                self._note("upstream", f"{self.cfg.target}: {result}")
+                self._note("upstream", result if len(targets) > 1 else f"{targets[0]}: {result}")
             self.upstream = result
-            await asyncio.sleep(self.ctx.settings.reconcile_period)
+            L.reprobe.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.ctx.settings.reconcile_period):
+                    await L.reprobe.wait()
 
     def _start_login(self, L: Launch, with_key: bool, logged_out: bool = False) -> None:
         if L.stopping or (L.up and L.up.alive) or time.monotonic() < L.login_retry_at or L.tg is None:

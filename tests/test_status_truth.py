@@ -301,6 +301,10 @@ def test_a_capitalised_hostname_is_what_tailscale_makes_of_it(sup, control, tmp_
     sup.wait_state("jelly", "running", 30)
     st = sup.status()
     assert (st["Media"]["dns_name"], st["jelly"]["dns_name"]) == ("media.tailnet.test", "jellyfin.tailnet.test")
+    # a file that does not load is visible to a JSON monitor too
+    (sup.config_dir / "broken.toml").write_text('target = "http://[::1:8080"\n')
+    wait_for(lambda: json.loads(sup.cli("status", "--json", "--data-dir", str(sup.data_dir)).stdout)
+             ["config_errors"], 15, "the config error in status --json")
 
 
 # -- desired config is enforced ------------------------------------------------------------

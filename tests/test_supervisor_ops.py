@@ -70,7 +70,8 @@ def test_reload_starts_new_stops_removed_restarts_changed_and_leaves_the_rest(su
     sup.proc.send_signal(signal.SIGHUP)
     sup.wait_state("new", "running", after=n)
     sup.wait_state("changed", "running", after=n)
-    sup.wait_state("gone", "stopped", after=n)
+    gone = sup.wait_state("gone", "stopped", after=n)
+    assert gone["reason"] == "removed from the config dir"
     sup.wait_event(lambda e: e["proxy"] == "served" and e["event"] == "serve_applied", 30,
                    "the new target applied in place", after=n)
 
@@ -81,6 +82,7 @@ def test_reload_starts_new_stops_removed_restarts_changed_and_leaves_the_rest(su
     assert after["changed"]["hostname"] == "changed-new"
     assert after["served"]["pid"] == before["served"]["pid"] and after["served"]["target"].endswith(":8081")
     assert [e["state"] for e in sup.events()[n:] if e["proxy"] == "served" and e["state"]] == []
+    assert not [e for e in sup.events()[n:] if e["proxy"] == "served" and e["event"] == "drift"]  # ours
     assert not [e for e in sup.events()[n:] if e["proxy"] == "same"]
 
     # Without SIGHUP: the conf.d change alone is noticed.

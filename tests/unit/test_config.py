@@ -692,3 +692,18 @@ def test_the_readme_serve_example_loads_with_a_service_per_mode(tmp_path):
     assert errs == []
     assert {s.mode for s in cfg.services} == set(cfgmod.SERVE_MODES)
     assert any(s.path not in ("", "/") for s in cfg.services) and any(s.funnel for s in cfg.services)
+
+
+@pytest.mark.parametrize("target", ["http://user:s3cretpw@127.0.0.1:8080/", "https://admin@127.0.0.1:5001",
+                                    "tcp://u:p@127.0.0.1:22"])
+def test_a_url_that_carries_a_password_is_refused_without_echoing_it(tmp_path, target):
+    cfg, errs = _one(tmp_path, f'target = "{target}"\nlogin_server = "embedded"\n')
+    assert cfg is None and len(errs) == 1
+    assert "USER:PASSWORD@" in str(errs[0]) and "s3cretpw" not in str(errs[0])
+
+
+def test_a_name_that_is_too_long_says_so(tmp_path):
+    f = tmp_path / ("L" * 64 + ".toml")
+    f.write_text('target = "http://127.0.0.1:1"\nlogin_server = "embedded"\n')
+    cfg, errs = cfgmod.load_proxy_file(f)
+    assert cfg is None and "1-63" in str(errs[0])

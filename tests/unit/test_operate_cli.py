@@ -122,3 +122,13 @@ def test_a_broken_answer_from_the_socket_is_one_line(tmp_path, capsys):
         fake.stop.set()
         fake.sock.close()
     assert capsys.readouterr().err == "ts-supervisor: error: the supervisor's answer is not JSON\n"
+
+
+def test_events_for_an_unknown_proxy_is_an_error_like_logs(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "proxies" / "app").mkdir(parents=True)
+    (data / "events.jsonl").write_text(json.dumps({"proxy": "app", "event": "running", "state": "running",
+                                                   "reason": "", "time": "2026-11-30T23:00:00+00:00"}) + "\n")
+    assert main(["events", "nosuch", "--data-dir", str(data)]) == 1
+    assert "no proxy named 'nosuch'" in capsys.readouterr().err
+    assert main(["events", "app", "--data-dir", str(data)]) == 0

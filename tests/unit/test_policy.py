@@ -164,3 +164,8 @@ def test_the_state_file_is_checked_before_a_launch(tmp_path, content, verdict):
         assert v is None
     else:
         assert v.signal is Signal.CORRUPT_STATE and verdict in v.reason
+
+
+def test_a_signal_death_says_which_signal_and_no_unrelated_last_line():
+    v = policy.from_exit(-9, ["2026/11/30 22:54:03 netmap: suggested exit node: ()"])
+    assert v.signal is Signal.CRASH and v.reason == "tailscaled was killed by SIGKILL"
