@@ -431,8 +431,8 @@ class Proxy:
             return
         if clear_serve and L.tailscaled and L.tailscaled.alive:
             # stopped means stopped: no serve config left in the state for a later start to serve
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                await self._cli(L, ts.serve_reset_command(self.ctx.bins, self.socket))
+            with contextlib.suppress(OSError, asyncio.CancelledError):  # a hung tailscaled: give up soon
+                await self._cli(L, ts.serve_reset_command(self.ctx.bins, self.socket), timeout=3.0)
         if logout and L.tailscaled and L.tailscaled.alive:
             L.stopping = True
             await self._logout(L)
@@ -664,7 +664,7 @@ class Proxy:
                    err or f"{len(services)} service(s) applied")
         return err
 
-    async def _cli(self, L: Launch, argv: list[str]) -> str | None:
+    async def _cli(self, L: Launch, argv: list[str], timeout: float = CLI_TIMEOUT) -> str | None:
         """Run one short-lived tailscale CLI command owned by this launch.
         Returns None on success, else its last line (or why it did not finish)."""
         child = await procs.spawn(argv[2] if len(argv) > 2 else "cli", argv, ts.cli_env())
@@ -672,11 +672,11 @@ class Proxy:
         try:
             assert child.proc.stdout is not None
             try:
-                async with asyncio.timeout(CLI_TIMEOUT):
+                async with asyncio.timeout(timeout):
                     out = (await child.proc.stdout.read()).decode(errors="replace")
                     code = await child.proc.wait()
             except TimeoutError:
-                return f"`tailscale {argv[2] if len(argv) > 2 else ''}` did not finish within {CLI_TIMEOUT:g}s"
+                return f"`tailscale {argv[2] if len(argv) > 2 else ''}` did not finish within {timeout:g}s"
         finally:
             await procs.stop(child, 1)
             L.cli.discard(child)
