@@ -167,6 +167,7 @@ class Fleet:
 
     async def run(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.data_dir, 0o700)  # state, logs and the socket: its user's alone, whatever made it
         lock_fd = acquire_lock(self.data_dir)
         procs.become_subreaper()  # what a child forks comes back to us, never lost to init
         pipe = procs.ParentDeathPipe()

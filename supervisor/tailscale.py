@@ -156,11 +156,20 @@ def tailscaled_command(bins: Binaries, statedir: Path, socket: Path | None = Non
     return argv, env
 
 
+# What a child may inherit: nothing else, so a secret in the supervisor's own
+# environment (an `auth_key_env` variable, an API token) never reaches one.
+# No NOTIFY_SOCKET: tailscaled speaks sd_notify too, and only the supervisor
+# may tell systemd it is ready.
+CHILD_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+             "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+             "SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
 def cli_env() -> dict[str, str]:
-    """Our environment without TS_ knobs, and without NOTIFY_SOCKET: tailscaled
-    speaks sd_notify too, and only the supervisor may tell systemd it is ready."""
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith("TS_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    """The environment for every tailscale child: an allow-list of ours (CHILD_ENV)."""
+    env = {k: os.environ[k] for k in CHILD_ENV if k in os.environ}
+    env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    return env
 
 
 def up_command(bins: Binaries, socket: Path, *, login_server: str | None, hostname: str,
