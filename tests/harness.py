@@ -7,6 +7,7 @@ so a test reads top to bottom and every wait names what it waits for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -241,3 +242,17 @@ def curl_via(socks_port: int, url: str) -> str:
                          capture_output=True, text=True, timeout=15)
     assert out.returncode == 0, f"curl {url}: exit {out.returncode}: {out.stderr.strip()}"
     return out.stdout
+
+
+@contextlib.contextmanager
+def peer(bins: ts.Binaries, statedir: Path, control_url: str, key: str, hostname: str = "peer"):
+    """A real tailscaled peer with a SOCKS5 port, logged in with `key`; yields
+    the SOCKS5 port (for curl_via / echo_through) and is stopped on exit."""
+    socks = free_port()
+    node = Node(bins=bins, statedir=statedir, control_url=control_url, socks5_port=socks)
+    try:
+        node.start()
+        node.up(key, hostname)
+        yield socks
+    finally:
+        node.kill()

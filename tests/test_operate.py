@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from tests.harness import wait_for
+from tests.unit.test_ipc import raw_unix
 from tests.supervisor_harness import SupervisorProc
 from tests.test_supervisor import run_proxy
 
@@ -154,22 +155,7 @@ def test_hostile_socket_clients_cost_one_connection_each(sup, control, tmp_path)
     path = str(sup.data_dir / "supervisor.sock")
 
     def send(data: bytes, half_close: bool = True) -> bytes:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(20)
-            s.connect(path)
-            try:
-                s.sendall(data)
-                if half_close:
-                    s.shutdown(socket.SHUT_WR)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            out = b""
-            try:
-                while chunk := s.recv(65536):
-                    out += chunk
-            except ConnectionResetError:  # closed with our excess unread: what came before it counts
-                pass
-            return out
+        return raw_unix(path, data, half_close, timeout=20)
 
     for data, error in ((b"x" * (2 << 20) + b"\n", "request is over 64 KiB"),
                         (b"\xff\xfe\n", "request is not a JSON line"),

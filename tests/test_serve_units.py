@@ -55,7 +55,7 @@ def test_three_services_on_one_proxy_each_reached_by_a_peer(sup, tmp_path, any_b
     import http.server
     import threading
     from supervisor.control.cli import AdminClient
-    from tests.harness import curl_via, echo_through, free_port, wait_for
+    from tests.harness import curl_via, echo_through, peer, wait_for
 
     class Api(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -88,18 +88,12 @@ target = "tcp://127.0.0.1:{local_echo}"
         sup.wait_state("nas", "running", 30)
         ip4 = next(ip for ip in sup.status()["nas"]["tailscale_ips"] if "." in ip)
         admin = AdminClient.from_data_dir(sup.data_dir / "control")
-        socks = free_port()
-        peer = Node(bins=bins, statedir=tmp_path / "peer", control_url=admin.url, socks5_port=socks)
-        try:
-            peer.start()
-            peer.up(admin.create_key()["secret"], "peer")
+        with peer(bins, tmp_path / "peer", admin.url, admin.create_key()["secret"]) as socks:
             from tests.conftest import BODY
             wait_for(lambda: curl_via(socks, "http://nas.tailnet.test/") == BODY.decode(), 20, "/ on 80")
             assert curl_via(socks, "http://nas.tailnet.test/api/users") == "api saw /users\n"
             payload = b"over tcp 22 " * 20
             assert wait_for(lambda: echo_through(socks, ip4, 22, payload), 10, "tcp 22") == payload
-        finally:
-            peer.kill()
     finally:
         api.shutdown()
         api.server_close()
@@ -203,7 +197,7 @@ def test_a_unix_socket_upstream_serves_on_1_96(sup, tmp_path, bins):
     import threading
     from supervisor.control.cli import AdminClient
     from tests.conftest import BODY, _Handler
-    from tests.harness import curl_via, free_port, wait_for
+    from tests.harness import curl_via, peer, wait_for
 
     class UnixHTTP(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         daemon_threads = True
@@ -220,15 +214,9 @@ def test_a_unix_socket_upstream_serves_on_1_96(sup, tmp_path, bins):
         sup.start()
         sup.wait_state("app", "running", 30)
         admin = AdminClient.from_data_dir(sup.data_dir / "control")
-        socks = free_port()
-        peer = Node(bins=bins, statedir=tmp_path / "peer", control_url=admin.url, socks5_port=socks)
-        try:
-            peer.start()
-            peer.up(admin.create_key()["secret"], "peer")
+        with peer(bins, tmp_path / "peer", admin.url, admin.create_key()["secret"]) as socks:
             wait_for(lambda: curl_via(socks, "http://app.tailnet.test/") == BODY.decode(), 20,
                      "a peer to fetch through the unix upstream")
-        finally:
-            peer.kill()
     finally:
         srv.shutdown()
         srv.server_close()

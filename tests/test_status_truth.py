@@ -252,15 +252,9 @@ def test_recover_works_on_a_failed_proxy(sup, control, tmp_path, any_bins):
 
 
 def _peer_fetch(tmp_path, control, bins, url: str) -> str:
-    from tests.harness import Node, curl_via, free_port
-    socks = free_port()
-    peer = Node(bins=bins, statedir=tmp_path / "peer", control_url=control.url, socks5_port=socks)
-    try:
-        peer.start()
-        peer.up(control.create_key()["secret"], "peer")
+    from tests.harness import curl_via, peer
+    with peer(bins, tmp_path / "peer", control.url, control.create_key()["secret"]) as socks:
         return wait_for(lambda: curl_via(socks, url), 20, f"a peer to fetch {url}")
-    finally:
-        peer.kill()
 
 
 def test_a_self_signed_https_upstream_through_https_insecure_serves(sup, control, tmp_path, local_https, bins):

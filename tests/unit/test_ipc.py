@@ -49,23 +49,7 @@ class Running:
         self.thread.join(5)
 
     def raw(self, data: bytes, close_write: bool = True) -> bytes:
-        """Send raw bytes; what the server sent back before closing."""
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
-            s.connect(self.path)
-            try:
-                s.sendall(data)
-                if close_write:
-                    s.shutdown(socket.SHUT_WR)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            out = b""
-            try:
-                while chunk := s.recv(65536):
-                    out += chunk
-            except ConnectionResetError:  # closed with our excess unread: what came before it counts
-                pass
-            return out
+        return raw_unix(self.path, data, close_write)
 
 
 @pytest.fixture
@@ -153,6 +137,26 @@ def test_clients_that_leave_early_cost_nothing(tmp_path, server):
                 pass
         # closed at once, mid-line or with the server's answer unread
     assert ipc.call(tmp_path, "status")["ok"] is True
+
+
+def raw_unix(path: str, data: bytes, close_write: bool = True, timeout: float = 5) -> bytes:
+    """Send raw bytes to a unix socket; what the server sent back before closing."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        try:
+            s.sendall(data)
+            if close_write:
+                s.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except ConnectionResetError:  # closed with our excess unread: what came before it counts
+            pass
+        return out
 
 
 class FakeSupervisor:
