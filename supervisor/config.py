@@ -14,7 +14,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -165,10 +165,35 @@ class ProxyConfig:
     ephemeral: bool = False
     tags: tuple[str, ...] = ()
     services: tuple[ServiceConfig, ...] = ()  # sorted by (port, path); never empty when loaded
+    # The API credential (at most one): an OAuth client secret or an API access token,
+    # named by a file or an environment variable like the auth key. `api_secret` is
+    # the secret itself, read once when the file loads (registered for redaction);
+    # it is compared (a reload sees a rotated secret) but never fingerprinted or shown.
+    oauth_client_secret_file: Path | None = None
+    oauth_client_secret_env: str | None = None
+    api_token_file: Path | None = None
+    api_token_env: str | None = None
+    api_secret: str = field(default="", repr=False)
 
     @property
     def embedded(self) -> bool:
         return self.login_server == EMBEDDED
+
+    @property
+    def api_kind(self) -> str | None:
+        """The configured API credential: "oauth" (an OAuth client secret), "token"
+        (an API access token) or None. The embedded control's own credential is
+        not configured here (the fleet passes it in process)."""
+        if self.oauth_client_secret_file or self.oauth_client_secret_env:
+            return "oauth"
+        if self.api_token_file or self.api_token_env:
+            return "token"
+        return None
+
+    @property
+    def has_auth_key(self) -> bool:
+        """A plain auth key is configured: logins use it instead of minting one."""
+        return self.auth_key_file is not None or self.auth_key_env is not None
 
     @property
     def local_control(self) -> bool:
@@ -207,9 +232,10 @@ class ProxyConfig:
         raise LookupError(f"{self.path}: no auth key configured")
 
 
-_NOT_FINGERPRINTED = {"path", "services", "target", "serve", "port"}
+_NOT_FINGERPRINTED = {"path", "services", "target", "serve", "port", "api_secret"}
+_API_KEYS = ("oauth_client_secret_file", "oauth_client_secret_env", "api_token_file", "api_token_env")
 _PROXY_KEYS = {"hostname", "target", "serve", "port", "login_server", "auth_key_file",
-               "auth_key_env", "ephemeral", "tags"}
+               "auth_key_env", "ephemeral", "tags", *_API_KEYS}
 
 
 class _Errors:
@@ -301,30 +327,38 @@ def parse_proxy(path: Path, raw: dict[str, Any], tailscale_version: tuple[int, .
                                      "http(s)://HOST[:PORT] URL")
     services = _parse_services(raw, errs, login_server == EMBEDDED, tailscale_version)
 
-    key_file = _typed(raw, "auth_key_file", str, errs, "a path string")
-    key_env = _typed(raw, "auth_key_env", str, errs, "an environment variable name")
-    key_path = None
-    if key_file is not None and key_env is not None:
-        errs.add("auth_key_env", "give auth_key_file or auth_key_env, not both")
-    elif login_server == EMBEDDED and (key_file or key_env):
-        errs.add("auth_key_file" if key_file else "auth_key_env",
-                 "not used with login_server = \"embedded\": the supervisor makes its own keys")
-    elif key_file is not None:
-        key_path = _key_path(path, key_file, errs)
-        try:
-            if key_path is not None and not read_text(key_path, KEY_LIMIT).strip():
-                errs.add("auth_key_file", f"{key_path} is empty")
-        except Unreadable as e:
-            errs.add("auth_key_file", f"{key_path}: {e}")
-    elif key_env is not None:
-        if not _ENV_RE.match(key_env):
-            errs.add("auth_key_env", f"{show(key_env)} is not an environment variable name "
-                                     "(letters, digits, '_')")
-        elif not os.environ.get(key_env, "").strip():
-            errs.add("auth_key_env", f"environment variable {key_env} is not set or empty")
-    elif login_server != EMBEDDED and "login_server" not in errs_keys(errs):
-        errs.add("auth_key_file", "missing: a proxy on a real tailnet needs auth_key_file or "
-                                  "auth_key_env (or set login_server = \"embedded\")")
+    # The login: an auth key, an API credential (an OAuth client, or an access token), or both
+    # an auth key and an access token (the key logs in; the token reads its expiry).
+    key_key, oauth_key, token_key = (env if env in raw and file not in raw else file for file, env in (
+        ("auth_key_file", "auth_key_env"), ("oauth_client_secret_file", "oauth_client_secret_env"),
+        ("api_token_file", "api_token_env")))
+    has_key, has_oauth, has_token = key_key in raw, oauth_key in raw, token_key in raw
+    key_path = key_env = key = oauth_path = oauth_env = oauth = token_path = token_env = token = None
+    if login_server == EMBEDDED:  # nothing is read: the embedded control has its own
+        if has_key:
+            errs.add(key_key, "not used with login_server = \"embedded\": the supervisor makes its own keys")
+        if has_oauth or has_token:
+            errs.add(oauth_key if has_oauth else token_key, "not used with login_server = \"embedded\": "
+                     "the supervisor has its own API credential for the embedded control")
+    else:
+        key_path, key_env, key = _secret_pair(raw, errs, path, "auth_key_file", "auth_key_env")
+        oauth_path, oauth_env, oauth = _secret_pair(raw, errs, path, "oauth_client_secret_file",
+                                                    "oauth_client_secret_env")
+        token_path, token_env, token = _secret_pair(raw, errs, path, "api_token_file", "api_token_env")
+        if has_oauth and has_token:
+            errs.add(token_key, f"give one API credential: {oauth_key} or {token_key}, not both")
+        elif has_oauth and has_key:
+            errs.add(key_key, f"not used with {oauth_key}: the OAuth client mints a single-use key "
+                              "for each login (remove the auth key)")
+        elif not (has_key or has_oauth or has_token) and "login_server" not in errs_keys(errs):
+            errs.add("auth_key_file", "missing: a proxy on a real tailnet needs auth_key_file or "
+                                      "auth_key_env, or an API credential (oauth_client_secret_file, "
+                                      "api_token_file, or their _env forms) (or set login_server = "
+                                      "\"embedded\")")
+    for what, label, value in (("auth key", key_key, key), ("OAuth client secret", oauth_key, oauth),
+                               ("API access token", token_key, token)):
+        if value is not None and (problem := _secret_problem(what, value)):
+            errs.add(label, problem)
 
     ephemeral = _typed(raw, "ephemeral", bool, errs, "true or false")
     tags_raw = _typed(raw, "tags", list, errs, "a list of strings like \"tag:web\"")
@@ -336,13 +370,82 @@ def parse_proxy(path: Path, raw: dict[str, Any], tailscale_version: tuple[int, .
         else:
             tags = tuple(tags_raw)
 
+    if oauth is not None and not tags and "tags" not in errs_keys(errs):
+        errs.add("tags", f"missing: {oauth_key} mints keys, and an OAuth client's keys must be "
+                         "tagged; give the tags it owns (e.g. tags = [\"tag:web\"])")
+
     if errs.items:
         return None, errs.items
     first = services[0]
     return ProxyConfig(
         name=name, path=path, hostname=hostname, target=first.target, serve=first.mode,
         port=first.port, login_server=login_server, auth_key_file=key_path, auth_key_env=key_env,
-        ephemeral=bool(ephemeral), tags=tags, services=services), []
+        ephemeral=bool(ephemeral), tags=tags, services=services,
+        oauth_client_secret_file=oauth_path, oauth_client_secret_env=oauth_env,
+        api_token_file=token_path, api_token_env=token_env, api_secret=oauth or token or ""), []
+
+
+# What each kind of secret starts with on Tailscale's control (facts §0): a
+# secret given under the wrong key is named, never shown.
+_PREFIXES = {"auth key": "tskey-auth-", "OAuth client secret": "tskey-client-",
+             "API access token": "tskey-api-"}
+_KEY_FOR = {"auth key": "auth_key_file", "OAuth client secret": "oauth_client_secret_file",
+            "API access token": "api_token_file"}
+
+
+def _secret_problem(what: str, secret: str) -> str | None:
+    """Why `secret`, given as a `what` ("auth key", "OAuth client secret", "API
+    access token"), cannot be used, or None. Never quotes the secret."""
+    if not secret.isprintable() or any(c.isspace() for c in secret):
+        return f"the {what} has spaces or control characters inside; a secret is one word"
+    for other, prefix in _PREFIXES.items():
+        if other != what and secret.startswith(prefix):
+            hint = (" (the supervisor then mints one single-use key per login and deletes it)"
+                    if other == "OAuth client secret" else "")
+            return f"this is an {other} ({prefix}...), not an {what}: give it as {_KEY_FOR[other]}{hint}"
+    if what == "OAuth client secret" and "?" in secret:
+        return ("the secret carries ?attributes (the CLI's form); give the bare secret: ephemeral "
+                "and tags come from this file, and minted keys are always preauthorized")
+    return None
+
+
+def _secret_pair(raw: dict[str, Any], errs: _Errors, path: Path, file_key: str, env_key: str
+                 ) -> tuple[Path | None, str | None, str | None]:
+    """One secret given as FILE_KEY (a path, relative to the proxy file's
+    directory) or ENV_KEY (an environment variable): (path, variable, secret).
+    The secret is read here, once, and registered for redaction; errors go to
+    `errs` on the key concerned, and the secret is None when there is none."""
+    from supervisor.events import register_secret
+    file_value = _typed(raw, file_key, str, errs, "a path string")
+    env_value = _typed(raw, env_key, str, errs, "an environment variable name")
+    if file_value is not None and env_value is not None:
+        errs.add(env_key, f"give {file_key} or {env_key}, not both")
+        return None, None, None
+    secret = None
+    if file_value is not None:
+        secret_path = _key_path(path, file_value, errs, file_key)
+        if secret_path is None:
+            return None, None, None
+        try:
+            secret = read_text(secret_path, KEY_LIMIT).strip()
+        except Unreadable as e:
+            errs.add(file_key, f"{secret_path}: {e}")
+            return secret_path, None, None
+        if not secret:
+            errs.add(file_key, f"{secret_path} is empty")
+        register_secret(secret)
+        return secret_path, None, secret or None
+    if env_value is not None:
+        if not _ENV_RE.match(env_value):
+            errs.add(env_key, f"{show(env_value)} is not an environment variable name "
+                              "(letters, digits, '_')")
+        elif not (secret := os.environ.get(env_value, "").strip()):
+            errs.add(env_key, f"environment variable {env_value} is not set or empty")
+        else:
+            register_secret(secret)
+            return None, env_value, secret
+        return None, env_value, None
+    return None, None, None
 
 
 def _parse_services(raw: dict[str, Any], errs: _Errors, embedded: bool,
@@ -508,8 +611,9 @@ def _expand(text: str) -> Path | None:
         return None
 
 
-def _key_path(path: Path, key_file: str, errs: _Errors) -> Path | None:
-    """auth_key_file as an absolute path (relative to the proxy file's directory)."""
+def _key_path(path: Path, key_file: str, errs: _Errors, label: str = "auth_key_file") -> Path | None:
+    """A secret's file (`label`, e.g. auth_key_file) as an absolute path
+    (relative to the proxy file's directory)."""
     key_path = _expand(key_file)
     try:
         if key_path is not None and not key_path.is_absolute():
@@ -517,7 +621,7 @@ def _key_path(path: Path, key_file: str, errs: _Errors) -> Path | None:
     except (RuntimeError, OSError, ValueError):  # a symlink loop; a lone surrogate from argv
         key_path = None
     if key_path is None:
-        errs.add("auth_key_file", f"{show(key_file)} is not a usable path")
+        errs.add(label, f"{show(key_file)} is not a usable path")
     return key_path
 
 
@@ -599,6 +703,7 @@ class Settings:
     reconcile_period: float = 30.0      # seconds between observations of a quiet node
     metrics: str = ""                   # "127.0.0.1:9101": serve Prometheus text there (loopback)
     webhooks: tuple[Any, ...] = ()      # [[webhook]] tables: url, format, events
+    api_base: str = "https://api.tailscale.com"  # the Tailscale v2 API, for proxies with an API credential
 
 
 _SETTINGS_TYPES: dict[str, tuple[type, ...]] = {
@@ -606,8 +711,32 @@ _SETTINGS_TYPES: dict[str, tuple[type, ...]] = {
     "start_limit": (int,), "start_window": (int, float), "backoff_initial": (int, float),
     "backoff_max": (int, float), "stop_grace": (int, float), "start_timeout": (int, float),
     "hang_timeout": (int, float), "embedded_port": (int,), "metrics": (str,),
-    "reconcile_period": (int, float),
+    "reconcile_period": (int, float), "api_base": (str,),
 }
+
+
+def api_base_problem(base: str) -> str | None:
+    """Why `base` cannot be the API base URL, or None: https://HOST[:PORT][/PREFIX],
+    or http:// to a loopback address only (the API credential would cross the
+    network in clear), with no user, query or fragment."""
+    if "@" in base:  # never echo it: it may be a password
+        return "must not carry USER:PASSWORD@ (the API credential is the only secret it needs)"
+    problem = url_problem(base, ("http", "https"))
+    if problem:
+        return problem
+    parts = urlsplit(base)
+    if parts.query or parts.fragment or "?" in base or "#" in base:
+        return f"{show(base)} must not carry a ?query or #fragment"
+    if parts.scheme == "http":
+        try:
+            loopback = (parts.hostname == "localhost"
+                        or ipaddress.ip_address(parts.hostname or "").is_loopback)
+        except ValueError:
+            loopback = False
+        if not loopback:
+            return (f"{show(base)} must be https:// (http:// only to a loopback address: the API "
+                    "credential would cross the network in clear)")
+    return None
 
 
 class SettingsError(Exception):
@@ -651,6 +780,8 @@ def load_settings(path: Path | None) -> Settings:
             ok = False
         if not ok:
             problems.append(f"{path}: metrics: must be a loopback HOST:PORT such as 127.0.0.1:9101")
+    if isinstance(raw.get("api_base"), str) and (problem := api_base_problem(raw["api_base"])):
+        problems.append(f"{path}: api_base: {problem}")
     for key, value in raw.items():
         kinds = _SETTINGS_TYPES.get(key)
         if kinds is None:
@@ -663,8 +794,8 @@ def load_settings(path: Path | None) -> Settings:
             values[key] = _expand(value)
             if values[key] is None:
                 problems.append(f"{path}: {key}: {show(value)} is not a usable path")
-        elif isinstance(value, str):  # metrics, checked above
-            values[key] = value
+        elif isinstance(value, str):  # metrics and api_base, checked above
+            values[key] = value.rstrip("/") if key == "api_base" else value
         elif value < 0:
             problems.append(f"{path}: {key}: must not be negative")
         elif not _finite(value):
