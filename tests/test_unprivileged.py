@@ -332,10 +332,7 @@ def _ids(p: psutil.Process) -> tuple:
     return tuple(p.uids()), tuple(p.gids())
 
 
-pytest_real = pytest.mark.real
-
-
-@pytest_real
+@pytest.mark.real
 def test_a_real_proxy_runs_recovers_and_stops_as_an_unprivileged_uid(unprivileged, local_http,
                                                                      bins, tmp_path):
     sup = unprivileged
@@ -407,7 +404,7 @@ def nas_install(tmp_path: Path, with_setpriv: bool) -> tuple[Path, Path]:
     return here, bindir
 
 
-@pytest_real
+@pytest.mark.real
 @pytest.mark.parametrize("with_setpriv", [True, False], ids=["setpriv", "su-fallback"])
 def test_nas_boot_starts_the_supervisor_as_the_service_user(tmp_path, stage, with_setpriv):
     here, bindir = nas_install(tmp_path, with_setpriv)
@@ -445,7 +442,7 @@ def test_nas_boot_starts_the_supervisor_as_the_service_user(tmp_path, stage, wit
         assert proc.wait(30) == 0
 
 
-@pytest_real
+@pytest.mark.real
 @pytest.mark.parametrize("user,says", [("no-such-user-ts", "no user no-such-user-ts"),
                                        ("root", "is root")])
 def test_nas_boot_refuses_a_missing_or_root_service_user(tmp_path, user, says):
