@@ -36,9 +36,11 @@ import h2.exceptions
 import h2.settings
 
 from supervisor.control import noise, zstdframe
+from supervisor.control.api import ApiServer
 from supervisor.control.derp import DerpServer
 from supervisor.control.stun import StunServer
 from supervisor.control.tailnet import NO_CAPS, AdminError, Node, Tailnet, rfc3339
+from supervisor.tsapi import Credential
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class ControlServer:
         self.tailnet = Tailnet(self.data_dir / "state.json", domain=domain, on_change=self._on_change)
         self.derp = DerpServer()
         self.stun = StunServer()
+        self.api = ApiServer(self.tailnet, self.online)  # /api/v2/ on the TCP port (api.py)
         self.fault_status: int | None = None  # every /machine/ request answers this (outage)
         self.register_status: int | None = None  # register answers this instead (facts §4f)
         self.admin_token = ""
@@ -156,6 +159,11 @@ class ControlServer:
                                             expiry=MINT_KEY_LIFETIME, tags=tags)
         return secret
 
+    def api_credential(self) -> Credential:
+        """An API access token of the tailnet's admin user for /api/v2/, made with this
+        server and kept in memory only (never in endpoint.json or any file)."""
+        return self.api.credential()
+
     def forget_offline(self, hostname: str) -> list[int]:
         """Remove offline nodes of this hostname before it logs in afresh, so the
         new node keeps the name (no `-1`): the supervisor's proxy whose state was
@@ -185,6 +193,8 @@ class ControlServer:
         every node whose grant changed gets a new netmap at once. `list_caps` gives
         {"default": caps, "nodes": {id: caps}}. Owners: `create_key(user="alice@example.com")`."""
         t = self.tailnet
+        if op in ApiServer.ADMIN_OPS:  # OAuth clients, API tokens, tag owners
+            return self.api.admin(op, **args)
         if op == "create_key":
             key, secret = t.create_key(reusable=bool(args.get("reusable", False)),
                                        ephemeral=bool(args.get("ephemeral", False)),
@@ -222,11 +232,17 @@ class ControlServer:
             return {"default": t.default_caps, "nodes": {str(n.id): t.caps(n) for n in t.nodes.values()}}
         if op == "events":
             return t.events_since(float(args.get("since") or 0))
-        if op == "set_fault":
-            self.fault_status = _opt_status(args.get("status"))
-            self.register_status = _opt_status(args.get("register_status"))
-            t.event("fault_set", status=self.fault_status, register_status=self.register_status)
-            return {"status": self.fault_status, "register_status": self.register_status}
+        if op == "set_fault":  # each switch changes only when named; None clears it
+            if "status" in args:
+                self.fault_status = _opt_status(args["status"])
+            if "register_status" in args:
+                self.register_status = _opt_status(args["register_status"])
+            if "api_status" in args:  # every /api/v2 request answers it; the protocol works on
+                self.api.fault_status = _opt_status(args["api_status"])
+            faults = {"status": self.fault_status, "register_status": self.register_status,
+                      "api_status": self.api.fault_status}
+            t.event("fault_set", **faults)
+            return faults
         raise AdminError(f"unknown admin operation {op!r}")
 
     # -- peer changes -----------------------------------------------------------
@@ -279,7 +295,7 @@ class ControlServer:
     def _node_json(self, n: Node) -> dict[str, Any]:
         now = self.tailnet.now()
         addrs = [n.ipv4 + "/32", n.ipv6 + "/128"]
-        return {"ID": n.id, "StableID": f"n{n.id:06d}CNTRL", "Name": self.tailnet.fqdn(n),
+        return {"ID": n.id, "StableID": n.stable_id, "Name": self.tailnet.fqdn(n),
                 "User": self.tailnet.profile(self.tailnet.owner(n))["ID"],
                 "Key": n.node_key, "KeyExpiry": rfc3339(n.key_expiry),
                 "Expired": n.expired(now), "Machine": n.machine_key,
@@ -404,6 +420,8 @@ class ControlServer:
             return _reply(writer, 204, "")
         if path == "/ts2021" and method == "POST":
             return await self._upgrade(reader, writer, headers)
+        if path.startswith("/api/v2/"):
+            return await self.api.handle(reader, writer, method, target, headers)
         if path.startswith("/admin/"):
             return await self._admin_http(reader, writer, method, target, headers)
         _reply(writer, 404, "not found")

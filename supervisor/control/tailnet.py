@@ -15,6 +15,15 @@ untagged key is owned by the key's user (`alice@example.com`; the tailnet's
 Capabilities (`https`, `funnel`, `funnel-ports`) are granted per node or as a
 tailnet-wide default; none are granted unless an admin op says so.
 
+The tailnet also answers the v2 API's decisions (api.py translates them to
+HTTP): OAuth clients and API tokens (secrets kept as hashes; OAuth access
+tokens only in memory, one hour each), auth keys created through the API
+with hosted control's tag rule, and devices read, deleted, renamed, re-tagged
+or given an IPv4 address by hand. Refusals are `Refused(status, message)` with
+the facts file's status and wording ("Minimal server behaviour"). Every node
+has a stable node ID in hosted control's form (`n` + letters and digits +
+`CNTRL`), which tailscaled shows as status `Self.ID`.
+
 Everything that comes in is checked by one set of rules: `state.json` on
 load (any other shape is one StateError line naming the file, key and
 reason) and the fields of register/map requests (ValueError naming the
@@ -48,6 +57,14 @@ CAP_HTTPS = "https"  # tailcfg.CapabilityHTTPS
 CAP_FUNNEL = "funnel"  # tailcfg.NodeAttrFunnel
 CAP_FUNNEL_PORTS = "https://tailscale.com/cap/funnel-ports"  # tailcfg.CapabilityFunnelPorts, + ?ports=
 NO_CAPS: dict[str, Any] = {"https": False, "funnel": False, "funnel_ports": ""}
+# addresses hosted control never hands out (https://tailscale.com/kb/1610/reserved-ip-addresses)
+V4_RESERVED = tuple(ipaddress.ip_network(n) for n in ("100.100.0.0/24", "100.100.100.0/24", "100.115.92.0/23"))
+# OAuth scopes that mean something here (KB1215, KB1623); a write scope implies its read scope
+SCOPE_KEYS, SCOPE_DEVICES = "auth_keys", "devices:core"
+ACCESS_TOKEN_LIFETIME = 3600.0  # "An API access token expires after one hour" (KB1215)
+API_TOKEN_LIFETIME = 90 * 86400.0  # user API tokens live 1-90 days (facts §0)
+MAX_API_KEY_EXPIRY = 90 * 86400.0  # the API's auth keys: default and maximum 90 days (facts §2)
+NO_PERMISSION = "calling actor does not have enough permissions to perform this function"
 
 
 def rfc3339(t: float | None) -> str:
@@ -72,6 +89,9 @@ def parse_rfc3339(text: str | None) -> float | None:
     return t
 
 
+_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
 def _hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -94,6 +114,10 @@ class AuthKey:
     revoked: bool = False
     uses: int = 0
     user: str = ""  # login of the untagged nodes' owner; "" is the tailnet's default user
+    preauthorized: bool = True  # as given to the API (nodes here are always authorized)
+    description: str = ""
+    tailnet_owned: bool = False  # created by an OAuth client (facts §2: OAuth keys are the tailnet's)
+    revoked_at: float | None = None  # when `revoked` became true
 
     def state(self, now: float) -> str:
         if self.revoked:
@@ -132,9 +156,56 @@ class Node:
     last_seen: float | None = None
     user: str = ""  # the owner's login when untagged; "" is the tailnet's default user
     caps: dict[str, Any] | None = None  # granted capabilities (NO_CAPS shape); None: the tailnet default
+    stable_id: str = ""  # tailcfg.StableNodeID, the API's nodeId; "" only before loading fills it
 
     def expired(self, now: float) -> bool:
         return self.key_expiry is not None and now >= self.key_expiry
+
+
+@dataclass
+class OAuthClient:
+    """An OAuth client: its secret `tskey-client-<id>-...` is kept as a hash only."""
+
+    id: str
+    secret_hash: str
+    scopes: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    created: float = 0.0
+    revoked: bool = False
+
+
+@dataclass
+class ApiToken:
+    """A user API access token `tskey-api-<id>-...` of the tailnet's admin user (hash only)."""
+
+    id: str
+    secret_hash: str
+    created: float = 0.0
+    expires: float | None = None
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who calls the API: the admin user (an API token) or an OAuth client's access token."""
+
+    kind: str  # "user" or "oauth"
+    scopes: frozenset[str]
+    tags: tuple[str, ...] = ()  # an OAuth client's tags
+    client_id: str = ""
+    login: str = ""  # a user's login
+
+    def may(self, scope: str, write: bool) -> bool:
+        return self.kind == "user" or scope in self.scopes or (not write and f"{scope}:read" in self.scopes)
+
+
+class Refused(Exception):
+    """An API request the tailnet refuses: `status` (4xx) and the message hosted control gives."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 @dataclass
@@ -290,7 +361,35 @@ _USER = _text(f"|{USER_LOGIN}", "a login like alice@example.com")
 _KEY_FIELDS: dict[str, Callable[[Any], Any]] = {
     "id": _text(r"[A-Za-z0-9_-]{1,64}", "a key id"), "secret_hash": _text(r"[0-9a-f]{64}", "a SHA-256 hex"),
     "reusable": _flag, "ephemeral": _flag, "tags": _TAGS, "created": _time,
-    "expires": _optional(_time), "revoked": _flag, "uses": _integer(0, MAX_COUNT), "user": _USER}
+    "expires": _optional(_time), "revoked": _flag, "uses": _integer(0, MAX_COUNT), "user": _USER,
+    "preauthorized": _flag, "description": _text(r"[A-Za-z0-9 _-]{0,50}", "up to 50 letters, digits, - _ or spaces"),
+    "tailnet_owned": _flag, "revoked_at": _optional(_time)}
+STABLE_ID = r"n[A-Za-z0-9]{1,40}CNTRL"
+SCOPE = r"[a-z_]{1,40}(:[a-z_]{1,40}){0,2}"
+_CLIENT_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "id": _KEY_FIELDS["id"], "secret_hash": _KEY_FIELDS["secret_hash"],
+    "scopes": _list_of(_text(SCOPE, "a scope like auth_keys"), "scopes", 64), "tags": _TAGS,
+    "created": _time, "revoked": _flag}
+_TOKEN_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "id": _KEY_FIELDS["id"], "secret_hash": _KEY_FIELDS["secret_hash"], "created": _time,
+    "expires": _optional(_time), "revoked": _flag}
+_OWNER = _text(f"{TAG}|{USER_LOGIN}|autogroup:admin", "tag:name, a login or autogroup:admin")
+
+
+def _tag_owners(v: Any) -> dict[str, list[str]]:
+    """tagOwners: {"tag:a": ["tag:b", "alice@example.com"], ...}."""
+    v = _object(v)
+    if len(v) > 1024:
+        raise ValueError("want at most 1024 tags")
+    out = {}
+    for tag, owners in v.items():
+        if not re.fullmatch(TAG, tag):
+            raise ValueError(f"want tag:name keys, got {_short(tag)}")
+        try:
+            out[tag] = _list_of(_OWNER, "owners (tag:name, a login or autogroup:admin)", 64)(owners)
+        except ValueError as e:
+            raise ValueError(f"{tag}: {e}") from None
+    return out
 _NODE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "id": _integer(1, MAX_NODE_ID), "node_key": _text(NODE_KEY, "nodekey:<64 hex>"),
     "machine_key": _text(r"mkey:[0-9a-f]{64}", "mkey:<64 hex>"), "hostname": _text(),
@@ -298,7 +397,8 @@ _NODE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "key_id": _text(), "ephemeral": _flag, "tags": _TAGS, "created": _time,
     "key_expiry": _optional(_time), "disco_key": _text(f"|{DISCO_KEY}", "discokey:<64 hex> or empty"),
     "endpoints": _list_of(_text(), "strings"), "home_derp": _integer(0, 2**31 - 1),
-    "hostinfo": _hostinfo, "last_seen": _optional(_time), "user": _USER, "caps": _optional(_caps)}
+    "hostinfo": _hostinfo, "last_seen": _optional(_time), "user": _USER, "caps": _optional(_caps),
+    "stable_id": _text(f"|{STABLE_ID}", "n<letters and digits>CNTRL")}
 
 
 def _record(cls: type, checks: dict[str, Callable[[Any], Any]], where: str, raw: Any) -> Any:
@@ -319,6 +419,11 @@ def _record(cls: type, checks: dict[str, Callable[[Any], Any]], where: str, raw:
     return cls(**values)
 
 
+def legacy_stable_id(node_id: int) -> str:
+    """The stable ID this control gave a node before state.json kept one."""
+    return f"n{node_id:06d}CNTRL"
+
+
 def _parse_state(raw: Any) -> dict[str, Any]:
     """The fields of a state document, checked; ValueError("where: reason") otherwise."""
     if not isinstance(raw, dict):
@@ -326,9 +431,13 @@ def _parse_state(raw: Any) -> dict[str, Any]:
     checks = {"server_private": _text(r"|[0-9a-f]{64}", "64 hex digits"), "port": _integer(0, 65535),
               "next_node_id": _integer(1, MAX_NODE_ID + 1), "next_key_id": _integer(1, MAX_COUNT),
               "keys": _list_of(lambda v: v, "objects", MAX_COUNT),
-              "nodes": _list_of(lambda v: v, "objects", MAX_COUNT), "default_caps": _caps}
+              "nodes": _list_of(lambda v: v, "objects", MAX_COUNT), "default_caps": _caps,
+              "oauth_clients": _list_of(lambda v: v, "objects", MAX_COUNT),
+              "api_tokens": _list_of(lambda v: v, "objects", MAX_COUNT), "tag_owners": _tag_owners,
+              "reserved_v4": _list_of(_address(V4_NET), f"addresses in {V4_NET}", MAX_COUNT)}
     defaults: dict[str, Any] = {"server_private": "", "port": 0, "next_node_id": 1, "next_key_id": 1,
-                                "keys": [], "nodes": [], "default_caps": NO_CAPS}
+                                "keys": [], "nodes": [], "default_caps": NO_CAPS, "oauth_clients": [],
+                                "api_tokens": [], "tag_owners": {}, "reserved_v4": []}
     state = {}
     for name, check in checks.items():
         try:
@@ -337,8 +446,17 @@ def _parse_state(raw: Any) -> dict[str, Any]:
             raise ValueError(f"{name}: {e}") from None
     state["keys"] = [_record(AuthKey, _KEY_FIELDS, f"keys[{i}]", k) for i, k in enumerate(state["keys"])]
     state["nodes"] = [_record(Node, _NODE_FIELDS, f"nodes[{i}]", n) for i, n in enumerate(state["nodes"])]
+    state["oauth_clients"] = [_record(OAuthClient, _CLIENT_FIELDS, f"oauth_clients[{i}]", c)
+                              for i, c in enumerate(state["oauth_clients"])]
+    state["api_tokens"] = [_record(ApiToken, _TOKEN_FIELDS, f"api_tokens[{i}]", t)
+                           for i, t in enumerate(state["api_tokens"])]
+    for node in state["nodes"]:
+        if not node.stable_id:  # a state written before stable IDs: the one its nodes were told
+            node.stable_id = legacy_stable_id(node.id)
     for what, items, ident in (("keys", state["keys"], "id"), ("nodes", state["nodes"], "id"),
-                               ("nodes", state["nodes"], "node_key")):
+                               ("nodes", state["nodes"], "node_key"), ("nodes", state["nodes"], "stable_id"),
+                               ("oauth_clients", state["oauth_clients"], "id"),
+                               ("api_tokens", state["api_tokens"], "id")):
         seen: set[Any] = set()
         for i, item in enumerate(items):
             value = getattr(item, ident)
@@ -370,6 +488,11 @@ class Tailnet:
         self.server_private = ""  # hex; the control's Noise key survives restarts
         self.port = 0  # and so does its port: nodes keep the login URL in their state
         self.default_caps: dict[str, Any] = dict(NO_CAPS)  # for nodes without a grant of their own
+        self.oauth_clients: dict[str, OAuthClient] = {}
+        self.api_tokens: dict[str, ApiToken] = {}
+        self.tag_owners: dict[str, list[str]] = {}
+        self.reserved_v4: set[str] = set()  # set by hand: the allocator never hands them out
+        self._grants: dict[str, tuple[Actor, float | None]] = {}  # in memory: token hash -> (actor, expiry)
         self.events: deque[dict[str, Any]] = deque(maxlen=20000)
         self._load()
 
@@ -391,6 +514,10 @@ class Tailnet:
         self.next_node_id, self.next_key_id = state["next_node_id"], state["next_key_id"]
         self.default_caps = state["default_caps"]
         self.keys = {k.id: k for k in state["keys"]}
+        self.oauth_clients = {c.id: c for c in state["oauth_clients"]}
+        self.api_tokens = {t.id: t for t in state["api_tokens"]}
+        self.tag_owners = state["tag_owners"]
+        self.reserved_v4 = set(state["reserved_v4"])
         for node in state["nodes"]:
             self.nodes[node.id] = node
             self.by_node_key[node.node_key] = node
@@ -399,7 +526,10 @@ class Tailnet:
         data = {"server_private": self.server_private, "port": self.port, "next_node_id": self.next_node_id,
                 "next_key_id": self.next_key_id, "default_caps": self.default_caps,
                 "keys": [asdict(k) for k in self.keys.values()],
-                "nodes": [asdict(n) for n in self.nodes.values()]}
+                "nodes": [asdict(n) for n in self.nodes.values()],
+                "oauth_clients": [asdict(c) for c in self.oauth_clients.values()],
+                "api_tokens": [asdict(t) for t in self.api_tokens.values()],
+                "tag_owners": self.tag_owners, "reserved_v4": sorted(self.reserved_v4)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -424,7 +554,8 @@ class Tailnet:
 
     def create_key(self, *, reusable: bool = False, ephemeral: bool = False,
                    expiry: float | None = 90 * 86400.0, tags: list[str] | None = None,
-                   user: str = "") -> tuple[AuthKey, str]:
+                   user: str = "", preauthorized: bool = True, description: str = "",
+                   tailnet_owned: bool = False) -> tuple[AuthKey, str]:
         """A new key and its secret; only the hash is kept. `expiry`: seconds from now
         (None: never). `user`: the login that owns the key's nodes ("" the default user);
         a tagged key's nodes are owned by tagged-devices, so it takes no user.
@@ -439,16 +570,22 @@ class Tailnet:
                              "give tags or a user, not both")
         if expiry is not None and not (isinstance(expiry, (int, float)) and 0 < expiry <= MAX_KEY_LIFETIME):
             raise AdminError(f"bad expiry {_short(expiry)}: want seconds, at most {MAX_KEY_LIFETIME:.0f}")
-        kid = f"k{self.next_key_id:04d}{secrets.token_hex(3)}"
-        self.next_key_id += 1
+        kid = self._new_id()
         secret = f"tskey-auth-{kid}-{secrets.token_hex(16)}"
         now = self.now()
         key = AuthKey(kid, _hash_secret(secret), reusable, ephemeral, list(tags or []), now,
-                      None if expiry is None else now + expiry, user=user)
+                      None if expiry is None else now + expiry, user=user, preauthorized=preauthorized,
+                      description=description, tailnet_owned=tailnet_owned)
         self.keys[kid] = key
         self.save()
         self.event("key_created", key=kid, reusable=reusable, ephemeral=ephemeral, user=user)
         return key, secret
+
+    def _new_id(self) -> str:
+        """An id for a key, OAuth client or API token (one counter: never two alike)."""
+        kid = f"k{self.next_key_id:04d}{secrets.token_hex(3)}"
+        self.next_key_id += 1
+        return kid
 
     def _key(self, kid: str) -> AuthKey:
         try:
@@ -459,6 +596,7 @@ class Tailnet:
     def revoke_key(self, kid: str) -> AuthKey:
         key = self._key(kid)
         key.revoked = True
+        key.revoked_at = key.revoked_at or self.now()
         self.save()
         self.event("key_revoked", key=kid)
         return key
@@ -492,11 +630,25 @@ class Tailnet:
         return name
 
     def _addresses(self, node_id: int) -> tuple[str, str]:
+        """A new node's (IPv4, IPv6): the node id's place in 100.64.0.0/10, else the next
+        one up that no node holds, nobody set by hand, and hosted control reserves."""
+        used4 = {n.ipv4 for n in self.nodes.values()} | self.reserved_v4
+        used6 = {n.ipv6 for n in self.nodes.values()}
         v4 = V4_NET.network_address + node_id
-        v6 = V6_NET.network_address + (int(v4) & 0xFFFFFFFF)
-        if v4 not in V4_NET:
-            raise AdminError("address pool exhausted")
-        return str(v4), str(v6)
+        while v4 in V4_NET:
+            v6 = V6_NET.network_address + (int(v4) & 0xFFFFFFFF)
+            if str(v4) not in used4 and str(v6) not in used6 and not any(v4 in r for r in V4_RESERVED):
+                return str(v4), str(v6)
+            v4 += 1
+        raise AdminError("address pool exhausted")
+
+    def _new_stable_id(self) -> str:
+        """tailcfg.StableNodeID in hosted control's form ("n5SUKe8CNTRL"), never one in use."""
+        taken = {n.stable_id for n in self.nodes.values()}
+        while True:
+            sid = "n" + "".join(secrets.choice(_ALNUM) for _ in range(7)) + "CNTRL"
+            if sid not in taken:
+                return sid
 
     def fqdn(self, node: Node) -> str:
         return f"{node.name}.{self.domain}."
@@ -595,6 +747,244 @@ class Tailnet:
             self.on_change("changed", n)
         return changed
 
+    # -- the v2 API's credentials --------------------------------------------
+
+    def admin_actor(self) -> Actor:
+        return Actor("user", frozenset(), login=self.default_user)
+
+    def issue_admin_token(self) -> str:
+        """A fresh access token of the admin user, kept in memory only (gone at restart)."""
+        secret = f"tskey-api-{self._new_id()}-{secrets.token_hex(16)}"
+        self._grants[_hash_secret(secret)] = (self.admin_actor(), None)
+        return secret
+
+    def create_oauth_client(self, scopes: list[str], tags: list[str]) -> tuple[OAuthClient, str]:
+        """A new OAuth client and its secret `tskey-client-<id>-...` (only the hash is kept).
+        Tags are required with `auth_keys` or `devices:core` (terraform-provider-tailscale
+        docs/resources/oauth_client.md). AdminError for bad scopes or tags."""
+        try:
+            scopes = _CLIENT_FIELDS["scopes"](list(scopes))
+            tags = _TAGS(list(tags))
+        except (ValueError, TypeError) as e:
+            raise AdminError(f"bad OAuth client: {e}") from None
+        if not scopes:
+            raise AdminError("an OAuth client needs at least one scope")
+        if not tags and {SCOPE_KEYS, SCOPE_DEVICES} & set(scopes):
+            raise AdminError(f"an OAuth client with {SCOPE_KEYS} or {SCOPE_DEVICES} needs tags")
+        cid = self._new_id()
+        secret = f"tskey-client-{cid}-{secrets.token_hex(16)}"
+        client = OAuthClient(cid, _hash_secret(secret), scopes, tags, self.now())
+        self.oauth_clients[cid] = client
+        self.save()
+        self.event("oauth_client_created", client=cid, scopes=scopes, tags=tags)
+        return client, secret
+
+    def revoke_oauth_client(self, cid: str) -> OAuthClient:
+        """Revoke a client; its access tokens stop working at once."""
+        client = self.oauth_clients.get(cid)
+        if client is None:
+            raise AdminError(f"no OAuth client {cid}")
+        client.revoked = True
+        self._grants = {h: g for h, g in self._grants.items() if g[0].client_id != cid}
+        self.save()
+        self.event("oauth_client_revoked", client=cid)
+        return client
+
+    def create_api_token(self, expiry: float | None = API_TOKEN_LIFETIME) -> tuple[ApiToken, str]:
+        """A user API access token `tskey-api-<id>-...` of the admin user (hash only)."""
+        if expiry is not None and not (isinstance(expiry, (int, float)) and 0 < expiry <= MAX_KEY_LIFETIME):
+            raise AdminError(f"bad expiry {_short(expiry)}: want seconds")
+        tid = self._new_id()
+        secret = f"tskey-api-{tid}-{secrets.token_hex(16)}"
+        now = self.now()
+        token = ApiToken(tid, _hash_secret(secret), now, None if expiry is None else now + expiry)
+        self.api_tokens[tid] = token
+        self.save()
+        self.event("api_token_created", token=tid)
+        return token, secret
+
+    def set_tag_owners(self, owners: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Replace tagOwners ({"tag:a": ["tag:b"], ...}): an OAuth client may also mint and
+        set the tags its own tags own. AdminError for a bad map."""
+        try:
+            self.tag_owners = _tag_owners(owners)
+        except ValueError as e:
+            raise AdminError(f"bad tag owners: {e}") from None
+        self.save()
+        self.event("tag_owners_set", owners=self.tag_owners)
+        return self.tag_owners
+
+    def access_token(self, client_secret: str) -> tuple[str, float, OAuthClient]:
+        """POST /api/v2/oauth/token: (access token, lifetime seconds, client) for a client
+        secret; every scope of the client whatever `scope` asked for (facts §1: hosted
+        ignored the CLI's bogus `scope=device`). Refused(401, "invalid_client") otherwise."""
+        h = _hash_secret(client_secret)
+        client = next((c for c in self.oauth_clients.values() if c.secret_hash == h), None)
+        if client is None or client.revoked:
+            self.event("api_refused", reason="unknown or revoked OAuth client")
+            raise Refused(401, "invalid_client")
+        now = self.now()
+        self._grants = {k: g for k, g in self._grants.items() if g[1] is None or g[1] > now}
+        token = f"tskey-api-{client.id}-{secrets.token_hex(16)}"
+        actor = Actor("oauth", frozenset(client.scopes), tuple(client.tags), client.id)
+        self._grants[_hash_secret(token)] = (actor, now + ACCESS_TOKEN_LIFETIME)
+        self.event("oauth_token_issued", client=client.id)
+        return token, ACCESS_TOKEN_LIFETIME, client
+
+    def actor(self, token: str) -> Actor:
+        """Who holds this access token. Refused 401 for an unknown, expired or revoked token,
+        403 for an OAuth client secret used as one (facts: tailscale#15969)."""
+        h = _hash_secret(token)
+        now = self.now()
+        grant = self._grants.get(h)
+        if grant is not None:
+            actor, expiry = grant
+            if expiry is None or now < expiry:
+                return actor
+            del self._grants[h]
+            raise Refused(401, "API token expired")
+        api = next((t for t in self.api_tokens.values() if t.secret_hash == h), None)
+        if api is not None and not api.revoked and (api.expires is None or now < api.expires):
+            return self.admin_actor()
+        if any(c.secret_hash == h for c in self.oauth_clients.values()):
+            raise Refused(403, NO_PERMISSION)
+        raise Refused(401, "API token invalid")
+
+    def _need(self, actor: Actor, scope: str, write: bool) -> None:
+        if not actor.may(scope, write):
+            raise Refused(403, NO_PERMISSION)
+
+    def tags_permitted(self, actor: Actor, tags: list[str]) -> bool:
+        """May this actor give these tags? The admin user any; an OAuth client its own tags
+        and the tags they own in tagOwners (publicapi/tailnet.md "Create auth key")."""
+        if actor.kind == "user":
+            return True
+        mine = set(actor.tags)
+        return all(t in mine or mine & set(self.tag_owners.get(t, ())) for t in tags)
+
+    def _check_tags(self, actor: Actor, tags: Any, required: bool) -> list[str]:
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise Refused(400, "tags: want a list of tag:name strings")
+        bad = [t for t in tags if not re.fullmatch(TAG, t)]
+        if bad or not self.tags_permitted(actor, tags) or (required and not tags):
+            raise Refused(400, f"requested tags [{' '.join(tags)}] are invalid or not permitted")
+        return sorted(set(tags))
+
+    # -- the v2 API: keys -----------------------------------------------------
+
+    def api_create_key(self, actor: Actor, *, reusable: bool, ephemeral: bool, preauthorized: bool,
+                       tags: Any, expiry_seconds: float, description: str) -> tuple[AuthKey, str]:
+        """POST /api/v2/tailnet/-/keys. An OAuth client's keys must carry tags it may give;
+        a user's may be untagged. `expiry_seconds` <= 0 means the default, 90 days (facts §2)."""
+        self._need(actor, SCOPE_KEYS, write=True)
+        tags = self._check_tags(actor, tags, required=actor.kind == "oauth")
+        if not (isinstance(expiry_seconds, (int, float)) and expiry_seconds == expiry_seconds):
+            raise Refused(400, "expirySeconds: want seconds")
+        expiry = MAX_API_KEY_EXPIRY if expiry_seconds <= 0 else float(expiry_seconds)
+        if expiry > MAX_API_KEY_EXPIRY:
+            raise Refused(400, f"expirySeconds: at most {MAX_API_KEY_EXPIRY:.0f} (90 days)")
+        if not isinstance(description, str) or not re.fullmatch(r"[A-Za-z0-9 _-]{0,50}", description):
+            raise Refused(400, "description: up to 50 letters, digits, hyphens, underscores or spaces")
+        key, secret = self.create_key(reusable=reusable, ephemeral=ephemeral, expiry=expiry, tags=tags,
+                                      user=actor.login if actor.kind == "user" and not tags
+                                      and actor.login != self.default_user else "",
+                                      preauthorized=preauthorized, description=description,
+                                      tailnet_owned=actor.kind == "oauth")
+        return key, secret
+
+    def api_key(self, actor: Actor, kid: str) -> AuthKey:
+        """A key by id (any key of the tailnet); Refused 404 if there is none (deleted)."""
+        self._need(actor, SCOPE_KEYS, write=False)
+        key = self.keys.get(kid)
+        if key is None:
+            raise Refused(404, "key not found")
+        return key
+
+    def api_keys(self, actor: Actor) -> list[AuthKey]:
+        """The keys this actor sees: an OAuth client the tailnet-owned ones, a user the
+        users' ones (publicapi/tailnet.md "List tailnet keys")."""
+        self._need(actor, SCOPE_KEYS, write=False)
+        return [k for k in self.keys.values() if k.tailnet_owned == (actor.kind == "oauth")]
+
+    def api_delete_key(self, actor: Actor, kid: str) -> None:
+        """DELETE a key: it can no longer register anything, and a later GET is 404."""
+        self._need(actor, SCOPE_KEYS, write=True)
+        if kid not in self.keys:
+            raise Refused(404, "key not found")
+        del self.keys[kid]
+        self.save()
+        self.event("key_deleted", key=kid)
+
+    # -- the v2 API: devices --------------------------------------------------
+
+    def api_device(self, actor: Actor, ident: str, write: bool = False) -> Node:
+        """A node by the API's numeric `id` or its `nodeId` (publicapi/device.md: both are
+        accepted); Refused 404 if there is none."""
+        self._need(actor, SCOPE_DEVICES, write=write)
+        if re.fullmatch(r"[0-9]{1,15}", ident):
+            node = self.nodes.get(int(ident))
+        else:
+            node = next((n for n in self.nodes.values() if n.stable_id == ident), None)
+        if node is None:
+            raise Refused(404, "device not found")
+        return node
+
+    def api_devices(self, actor: Actor) -> list[Node]:
+        self._need(actor, SCOPE_DEVICES, write=False)
+        return list(self.nodes.values())
+
+    def api_set_ipv4(self, node: Node, ipv4: Any) -> None:
+        """POST /device/{id}/ip: a free address in 100.64.0.0/10 outside the reserved
+        ranges (KB1610), else Refused 400. It is never handed out by the allocator again."""
+        try:
+            if not isinstance(ipv4, str):
+                raise ValueError
+            addr = ipaddress.IPv4Address(ipv4)
+        except ValueError:
+            raise Refused(400, "ipv4: want an IPv4 address") from None
+        if addr not in V4_NET or any(addr in r for r in V4_RESERVED):
+            raise Refused(400, f"address {addr} is outside {V4_NET} or reserved")
+        if any(n.ipv4 == str(addr) for n in self.nodes.values() if n is not node):
+            raise Refused(400, "address already in use")
+        self.reserved_v4.add(str(addr))
+        if node.ipv4 == str(addr):
+            self.save()
+            return
+        old, node.ipv4 = node.ipv4, str(addr)
+        self.save()
+        self.event("node_address_set", node=node.id, old=old, ipv4=node.ipv4)
+        self.on_change("changed", node)
+
+    def api_rename(self, node: Node, name: Any) -> None:
+        """POST /device/{id}/name: a DNS label (or this tailnet's FQDN of one) no other node
+        holds; Refused 400 otherwise (`Name "x" is already taken`, the admin console's words)."""
+        if not isinstance(name, str):
+            raise Refused(400, "name: want a machine name")
+        label = name.strip().rstrip(".").lower().removesuffix("." + self.domain)
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", label):
+            raise Refused(400, "name: want a machine name: letters, digits and hyphens, up to 63")
+        if any(n.name == label for n in self.nodes.values() if n is not node):
+            raise Refused(400, f'Name "{label}" is already taken')
+        if node.name == label:
+            return
+        old, node.name = node.name, label
+        self.save()
+        self.event("node_renamed", node=node.id, old=old, hostname=label)
+        self.on_change("changed", node)
+
+    def api_set_tags(self, actor: Actor, node: Node, tags: Any) -> None:
+        """POST /device/{id}/tags: tags this actor may give (an OAuth client at least one);
+        a tagged node is owned by tagged-devices, an untagged one by the admin user."""
+        tags = self._check_tags(actor, tags, required=actor.kind == "oauth")
+        if node.tags == tags:
+            return
+        node.tags = tags
+        if tags:
+            node.user = ""
+        self.save()
+        self.event("node_tags_set", node=node.id, tags=tags)
+        self.on_change("changed", node)
+
     # -- the protocol's decisions ---------------------------------------------
 
     def _reject(self, text: str, **detail: Any) -> RegisterResult:
@@ -679,7 +1069,7 @@ class Tailnet:
         node = Node(nid, node_key, machine_key, hostname, self._unique_name(hostname), v4, v6,
                     key.id, key.ephemeral, list(key.tags), now,
                     now + DEFAULT_NODE_KEY_LIFETIME, hostinfo=_slim_hostinfo(hostinfo),
-                    user="" if key.tags else key.user)
+                    user="" if key.tags else key.user, stable_id=self._new_stable_id())
         self.nodes[nid] = node
         self.by_node_key[node_key] = node
         self.event("node_created", node=nid, hostname=node.name, key=key.id)
