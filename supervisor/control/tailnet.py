@@ -578,7 +578,8 @@ class Tailnet:
                       description=description, tailnet_owned=tailnet_owned)
         self.keys[kid] = key
         self.save()
-        self.event("key_created", key=kid, reusable=reusable, ephemeral=ephemeral, user=user)
+        self.event("key_created", key=kid, reusable=reusable, ephemeral=ephemeral, preauthorized=preauthorized,
+                   tags=list(tags or []), user=user)
         return key, secret
 
     def _new_id(self) -> str:
@@ -885,12 +886,10 @@ class Tailnet:
             raise Refused(400, f"expirySeconds: at most {MAX_API_KEY_EXPIRY:.0f} (90 days)")
         if not isinstance(description, str) or not re.fullmatch(r"[A-Za-z0-9 _-]{0,50}", description):
             raise Refused(400, "description: up to 50 letters, digits, hyphens, underscores or spaces")
-        key, secret = self.create_key(reusable=reusable, ephemeral=ephemeral, expiry=expiry, tags=tags,
-                                      user=actor.login if actor.kind == "user" and not tags
-                                      and actor.login != self.default_user else "",
-                                      preauthorized=preauthorized, description=description,
-                                      tailnet_owned=actor.kind == "oauth")
-        return key, secret
+        # untagged keys are the admin user's (the only user with API tokens here)
+        return self.create_key(reusable=reusable, ephemeral=ephemeral, expiry=expiry, tags=tags,
+                               preauthorized=preauthorized, description=description,
+                               tailnet_owned=actor.kind == "oauth")
 
     def api_key(self, actor: Actor, kid: str) -> AuthKey:
         """A key by id (any key of the tailnet); Refused 404 if there is none (deleted)."""

@@ -514,3 +514,19 @@ def test_real_tailscaled_self_id_is_the_api_node_id(node_factory, control, any_b
     assert dev.node_id == st.node_id and dev.name == st.dns_name.rstrip(".")
     assert dev.ipv4 in st.tailscale_ips
     wait_for(lambda: asyncio.run(devices())[0].connected, 10, "connectedToControl")
+
+
+@pytest.mark.real
+def test_real_tailscale_cli_mints_its_key_through_the_oauth_endpoints(node_factory, control, any_bins) -> None:
+    """tailscale's own OAuth path (feature/oauthkey: x/oauth2 client credentials, Basic auth
+    first, then POST keys with no Content-Type) works against the embedded control."""
+    made = control.admin("create_oauth_client", scopes=["auth_keys", "devices:core"], tags=["tag:web"])
+    node = node_factory("cli", bins=any_bins)
+    secret = f"{made['secret']}?ephemeral=false&preauthorized=true&baseURL={control.url}"
+    node.up(secret, "viacli", extra=("--advertise-tags=tag:web",))
+    st = node.wait_state(ts.BackendState.RUNNING)
+    [key] = [k for k in control.admin("list_keys")]
+    assert key["tailnet_owned"] and key["tags"] == ["tag:web"] and not key["ephemeral"]
+    [dev] = asyncio.run(Client(control.url, Credential("oauth", made["secret"])).devices())
+    assert dev.node_id == st.node_id and dev.tags == ("tag:web",)
+    assert made["secret"].split("-")[-1] not in node.stderr.text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -418,3 +419,69 @@ def test_state_written_before_owners_and_caps_still_loads(tmp_path: Path, net: T
     again = Tailnet(net.path)
     assert again.owner(again.nodes[node.id]) == "admin@tailnet.test"
     assert again.caps(again.nodes[node.id]) == tn.NO_CAPS
+
+
+# -- the v2 API's decisions (the HTTP side: tests/control/test_api.py) ----------------------
+
+WEB = tn.Actor("oauth", frozenset({"auth_keys"}), ("tag:web",), "kC")
+WEB_DB = tn.Actor("oauth", frozenset({"auth_keys"}), ("tag:web", "tag:db"), "kC")
+ADMIN = tn.Actor("user", frozenset(), login="admin@tailnet.test")
+
+
+@pytest.mark.parametrize("actor, tags, allowed", [
+    (WEB, ["tag:web"], True), (WEB, [], True), (WEB, ["tag:db"], False), (WEB, ["tag:web", "tag:db"], False),
+    (WEB, ["tag:owned"], True), (WEB, ["tag:web", "tag:owned"], True), (WEB, ["tag:other"], False),
+    (WEB_DB, ["tag:db"], True), (WEB_DB, ["tag:web"], True), (WEB_DB, ["tag:deep"], False),
+    (ADMIN, ["tag:anything"], True), (ADMIN, [], True),
+])
+def test_tags_permitted(net: Tailnet, actor: tn.Actor, tags: list[str], allowed: bool) -> None:
+    """An OAuth client's own tags and the tags they own (one level: tag:deep is owned by
+    tag:owned, not by tag:web); a user any tag."""
+    net.set_tag_owners({"tag:owned": ["tag:web"], "tag:deep": ["tag:owned"], "tag:other": ["alice@example.com"]})
+    assert net.tags_permitted(actor, tags) is allowed
+
+
+@pytest.mark.parametrize("scopes, scope, write, may", [
+    ({"auth_keys"}, "auth_keys", True, True), ({"auth_keys"}, "auth_keys", False, True),
+    ({"auth_keys:read"}, "auth_keys", False, True), ({"auth_keys:read"}, "auth_keys", True, False),
+    ({"devices:core"}, "auth_keys", False, False), ({"devices"}, "devices:core", False, False),
+])
+def test_scopes(scopes: set[str], scope: str, write: bool, may: bool) -> None:
+    assert tn.Actor("oauth", frozenset(scopes)).may(scope, write) is may
+    assert ADMIN.may(scope, write)
+
+
+def test_new_nodes_get_hosted_stable_ids_and_skip_addresses_set_by_hand(net: Tailnet) -> None:
+    _, secret = net.create_key(reusable=True)
+    a = ok(net, nk(), secret, "a")
+    assert re.fullmatch(r"n[A-Za-z0-9]{7}CNTRL", a.stable_id)
+    net.api_set_ipv4(a, "100.64.0.2")  # node 2's place
+    b = ok(net, nk(), secret, "b")
+    assert (a.ipv4, b.ipv4) == ("100.64.0.2", "100.64.0.3") and a.ipv6 != b.ipv6
+    net.delete_node(a.id)
+    c = ok(net, nk(), secret, "c")
+    assert c.ipv4 == "100.64.0.4" and len({a.stable_id, b.stable_id, c.stable_id}) == 3
+    with pytest.raises(tn.Refused) as e:
+        net.api_set_ipv4(c, "100.64.0.3")
+    assert (e.value.status, e.value.message) == (400, "address already in use")
+    net.api_set_ipv4(c, "100.64.0.2")  # by hand, the same address may be given again
+
+
+@pytest.mark.parametrize("name, label", [
+    ("web", "web"), ("WEB", "web"), ("web.tailnet.test", "web"), ("web.tailnet.test.", "web"),
+    (" web ", "web"), ("a-1", "a-1"), ("9", "9"),
+])
+def test_rename_takes_a_label_or_this_tailnets_fqdn(net: Tailnet, name: str, label: str) -> None:
+    _, secret = net.create_key()
+    node = ok(net, nk(), secret, "old")
+    net.api_rename(node, name)
+    assert node.name == label
+
+
+@pytest.mark.parametrize("name", ["", "-a", "a-", "a b", "a_b", "x" * 64, "web.other.test", "a.b", None, 5, "é"])
+def test_rename_refuses_what_is_not_a_machine_name(net: Tailnet, name: Any) -> None:
+    _, secret = net.create_key()
+    node = ok(net, nk(), secret, "old")
+    with pytest.raises(tn.Refused) as e:
+        net.api_rename(node, name)
+    assert e.value.status == 400 and node.name == "old"
