@@ -1,55 +1,112 @@
 """`ts-supervisor control ...`: run the control standalone, or administer a running one.
 
-The admin commands find the control through its data dir (`endpoint.json`
-for the URL, `admin-token` for the bearer token), so they work the same for
-a standalone control and for the supervisor's embedded one
-(`DATA/control`, the default here).
+The admin commands find the control through its data dir (`--control-dir`,
+default the supervisor's `DATA/control`), so they work the same for a
+standalone control and for the supervisor's embedded one. They speak HTTP
+over the control's admin socket (server.admin_socket_path), never over TCP,
+and only to the live process that wrote `endpoint.json`: see AdminClient.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import signal
+import socket
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 
 class AdminClient:
-    """The admin API over HTTP, for the CLI and for benchmarks in other processes."""
+    """The admin API over the control's admin socket, for the CLI and for tests and
+    benchmarks in other processes. Errors: ConnectionError (one line) when no live
+    control can be proven, RuntimeError (one line) when the control refuses a request.
 
-    def __init__(self, url: str, token: str) -> None:
-        self.url = url.rstrip("/")
-        self.token = token
+    Nothing is sent to a socket before it is proven to be the control's: `endpoint.json`
+    names a pid and its create time (a killed control leaves the file behind, and its
+    pid may be reused), and every connection's peer, as the kernel reports it
+    (SO_PEERCRED), must be that pid. A stale file is refused, so a process that took
+    over the control's old TCP port after a `kill -9` never hears from the CLI, and
+    the admin API has no TCP listener at all. The control's URL is its own answer over
+    the proven socket (`url`), never the file's."""
+
+    def __init__(self, socket_path: Path, pid: int, public_key: str, timeout: float = 10.0) -> None:
+        self.socket_path = socket_path
+        self.pid = pid
+        self.public_key = public_key
+        self.timeout = timeout
+        self.url = ""
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> "AdminClient":
+        """A client proven to talk to the live control of `data_dir` (see the class)."""
+        endpoint = data_dir / "endpoint.json"
         try:
-            url = json.loads((data_dir / "endpoint.json").read_text())["url"]
-            token = (data_dir / "admin-token").read_text().strip()
-        except FileNotFoundError as e:
-            raise ConnectionError(f"no control running with data dir {data_dir} ({e.filename} missing)")
-        return cls(url, token)
+            info = json.loads(endpoint.read_text())
+            pid, created, public_key = int(info["pid"]), float(info["create_time"]), str(info["public_key"])
+        except FileNotFoundError:
+            raise ConnectionError(f"no control running with data dir {data_dir} "
+                                  f"({endpoint} missing)") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConnectionError(f"{endpoint} unreadable ({type(e).__name__}: {e}); "
+                                  f"is a control running with data dir {data_dir}?") from None
+        if not _alive(pid, created):
+            raise ConnectionError(f"stale {endpoint}: the control that wrote it (pid {pid}) is not "
+                                  f"running; nothing was sent (start it: ts-supervisor run, or "
+                                  f"ts-supervisor control serve)")
+        from supervisor.control.server import admin_socket_path  # h2 & co. only when used
+        client = cls(admin_socket_path(data_dir), pid, public_key)
+        who = client.call("GET", "control")
+        if who.get("public_key") != public_key or who.get("pid") != pid:
+            raise ConnectionError(f"the control answering on {client.socket_path} is not the one "
+                                  f"{endpoint} names (public key or pid differ)")
+        client.url = str(who["url"])
+        return client
+
+    def _connect(self) -> socket.socket:
+        """A connection to the admin socket whose peer is the control's pid; nothing is
+        written to it here. ConnectionError otherwise."""
+        from supervisor.control.server import peer_credentials
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.socket_path))
+            pid, _, _ = peer_credentials(sock)
+        except OSError as e:
+            sock.close()
+            raise ConnectionError(f"control admin socket {self.socket_path} unreachable: "
+                                  f"{e.strerror or e}") from None
+        if pid != self.pid:
+            sock.close()
+            raise ConnectionError(f"{self.socket_path} is served by pid {pid}, not by the "
+                                  f"control (pid {self.pid}); nothing was sent")
+        return sock
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + "/admin/" + path, data=data, method=method,
-                                     headers={"Authorization": f"Bearer {self.token}",
-                                              "Content-Type": "application/json"})
+        conn = _UnixHTTPConnection(self._connect(), self.timeout)
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            try:
-                reason = json.loads(e.read()).get("error", e.reason)
-            except ValueError:
-                reason = e.reason
-            raise RuntimeError(f"control answered {e.code}: {reason}") from None
-        except urllib.error.URLError as e:
-            raise ConnectionError(f"control at {self.url} unreachable: {e.reason}") from None
+            conn.request(method, "/admin/" + path, body=data,
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise ConnectionError(f"control admin socket {self.socket_path}: "
+                                  f"{type(e).__name__}: {e}") from None
+        finally:
+            conn.close()
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = None
+        if resp.status != 200:
+            reason = answer.get("error") if isinstance(answer, dict) else resp.reason
+            raise RuntimeError(f"control answered {resp.status}: {reason}")
+        return answer
 
     def create_key(self, *, reusable: bool = False, ephemeral: bool = False,
                    expiry: float | None = 90 * 86400.0, tags: list[str] | None = None,
@@ -85,6 +142,26 @@ class AdminClient:
         return self.call("POST", "caps", body)
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a socket the caller has already connected (and checked)."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        super().__init__("control", timeout=timeout)
+        self.sock = sock
+
+    def connect(self) -> None:
+        raise ConnectionError("the admin connection is used once")
+
+
+def _alive(pid: int, create_time: float) -> bool:
+    """Whether `pid` is still the process that was created at `create_time` (psutil's
+    create time, as procs.find_orphans compares it)."""
+    try:
+        return abs(psutil.Process(pid).create_time() - create_time) < 0.05
+    except (psutil.Error, ValueError, OverflowError):
+        return False
+
+
 def _serve(args: argparse.Namespace) -> int:
     from supervisor.control.server import ControlServer
 
@@ -92,6 +169,8 @@ def _serve(args: argparse.Namespace) -> int:
         server = ControlServer(args.control_dir, port=args.port,
                                ephemeral_reap_after=args.reap_after)
         await server.start()
+        if server.port_moved:
+            print(f"ts-supervisor control: {server.port_moved}", file=sys.stderr, flush=True)
         print(f"control listening on {server.url} (data {args.control_dir}); Ctrl-C stops",
               flush=True)
         stop = asyncio.Event()

@@ -2,9 +2,15 @@
 
 One TCP port serves, by path: `GET /key`, the `POST /ts2021` upgrade to
 Noise + HTTP/2 (register and the streaming map), `/derp` (the relay),
-`/generate_204` (netcheck's captive-portal probe) and `/admin/` (JSON,
-bearer token). STUN answers on a UDP port of its own. Decisions live in
-`tailnet.Tailnet`; this module only translates them to the wire.
+`/generate_204` (netcheck's captive-portal probe). STUN answers on a UDP
+port of its own. The control's own admin API (`/admin/`: keys, nodes,
+capabilities, events, faults) is served only on a unix socket, 0600, in the
+control dir (`admin_socket_path`), to connections whose peer uid (SO_PEERCRED,
+checked by the kernel) is the control's own or root; the TCP port answers
+`/admin/` with 404. `endpoint.json` names the process (pid, create time) and
+the control's public key so that a client can tell a live control from a
+stale file (cli.AdminClient). Decisions live in `tailnet.Tailnet`; this
+module only translates them to the wire.
 
 Cost with many nodes: a peer change is sent as `PeersChanged`/`PeersRemoved`
 deltas, coalesced per loop turn, with each changed node's JSON built once;
@@ -18,11 +24,13 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
 import os
-import secrets
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +43,9 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+import psutil
+
+from supervisor import paths
 from supervisor.control import noise, zstdframe
 from supervisor.control.api import ApiServer
 from supervisor.control.derp import DerpServer
@@ -76,8 +87,11 @@ class ControlServer:
         self.api = ApiServer(self.tailnet, self.online)  # /api/v2/ on the TCP port (api.py)
         self.fault_status: int | None = None  # every /machine/ request answers this (outage)
         self.register_status: int | None = None  # register answers this instead (facts §4f)
-        self.admin_token = ""
+        self.port_moved = ""  # one line when the port used last time was taken (see _listen)
         self._server: asyncio.Server | None = None
+        self._admin_server: asyncio.AbstractServer | None = None
+        self._admin_ino = 0
+        self._admin_tasks: set[asyncio.Task[None]] = set()
         self._streams: dict[int, set[_MapStream]] = {}
         self._sessions: set[_Session] = set()
         self._conn_tasks: set[asyncio.Task[None]] = set()
@@ -97,11 +111,13 @@ class ControlServer:
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)  # state, the admin socket: this user's alone
         if not self.tailnet.server_private:
             self.tailnet.server_private = noise.generate_private().hex()
             self.tailnet.save()
         self._private = bytes.fromhex(self.tailnet.server_private)
-        self.admin_token = _read_or_make_token(self.data_dir / "admin-token")
+        (self.data_dir / "admin-token").unlink(missing_ok=True)  # earlier releases' bearer token
+        self._admin_server = await self._listen_admin()
         await self.stun.start(self.host)
         self._server = await self._listen()
         self.port = self._server.sockets[0].getsockname()[1]
@@ -109,9 +125,15 @@ class ControlServer:
             self.tailnet.port = self.port
             self.tailnet.save()
         self._keepalive_task = asyncio.create_task(self._keepalives())
-        endpoint = self.data_dir / "endpoint.json"
-        endpoint.write_text(json.dumps({"url": self.url, "pid": os.getpid()}))
+        _write_endpoint(self.data_dir / "endpoint.json", {
+            "url": self.url, "pid": os.getpid(), "create_time": psutil.Process().create_time(),
+            "public_key": self.public_key, "admin_socket": str(admin_socket_path(self.data_dir))})
         self.tailnet.event("control_started", url=self.url)
+
+    @property
+    def public_key(self) -> str:
+        """The control's Noise public key as `GET /key` gives it ("mkey:" + 64 hex)."""
+        return "mkey:" + noise.public_key(self._private).hex()
 
     async def _listen(self) -> asyncio.Server:
         """The configured port, else the one used last time (nodes remember it), else any."""
@@ -119,15 +141,53 @@ class ControlServer:
             return await asyncio.start_server(self._on_connection, self.host, port, limit=MAX_HEAD * 2)
         if self.port or not self.tailnet.port:
             return await listen(self.port)
+        old = self.tailnet.port
         try:
-            return await listen(self.tailnet.port)
+            return await listen(old)
         except OSError as e:
-            self.tailnet.event("control_port_changed", reason=f"port {self.tailnet.port}: {e.strerror}")
-            return await listen(0)
+            why = "held by another process" if e.errno == errno.EADDRINUSE else e.strerror
+            server = await listen(0)
+            new = f"http://{self.host}:{server.sockets[0].getsockname()[1]}"
+            self.port_moved = (f"control port {old} is {why}; listening on {new} instead: nodes "
+                               f"configured with http://{self.host}:{old} must be re-pointed "
+                               f"(the supervisor's embedded proxies re-register by themselves)")
+            self.tailnet.event("control_port_changed", reason=self.port_moved)
+            return server
+
+    async def _listen_admin(self) -> asyncio.AbstractServer:
+        """The admin socket, mode 0600 before it accepts anyone (chmod between bind and
+        listen). A leftover socket nobody answers on is replaced; OSError (one line) if
+        another control answers on it."""
+        path = admin_socket_path(self.data_dir)
+        if path.parent != self.data_dir:  # the control dir's path is too long for a socket
+            paths.ensure_runtime_dir(self.data_dir)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                pass  # nothing answers: a leftover of a killed control, or nothing at all
+            else:
+                raise OSError(errno.EADDRINUSE, f"another control serves {self.data_dir} "
+                                                f"(its admin socket {path} answers)")
+        path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, 0o600)
+            self._admin_ino = os.lstat(path).st_ino
+            sock.listen(64)
+            sock.setblocking(False)
+            return await asyncio.start_unix_server(self._on_admin_connection, sock=sock,
+                                                   limit=MAX_HEAD * 2)
+        except BaseException:
+            sock.close()
+            raise
 
     async def stop(self) -> None:
         """Close everything: listeners, sessions (nodes see the control vanish), DERP, STUN."""
         if self._server is None or self._stopping:
+            await self._close_admin()  # a start that failed after the admin socket was bound
             return
         self._stopping = True  # from here on, closing streams schedules no reaping
         self._server.close()
@@ -149,6 +209,7 @@ class ControlServer:
         self._streams.clear()
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / "endpoint.json").unlink()
+        await self._close_admin()
         self.tailnet.event("control_stopped")
 
     # -- admin (Python) --------------------------------------------------------
@@ -191,8 +252,11 @@ class ControlServer:
         grants exactly those to one node (absent: not granted), `node` absent/None makes them
         the tailnet default, `set_caps(node=ID, inherit=True)` returns a node to that default;
         every node whose grant changed gets a new netmap at once. `list_caps` gives
-        {"default": caps, "nodes": {id: caps}}. Owners: `create_key(user="alice@example.com")`."""
+        {"default": caps, "nodes": {id: caps}}. Owners: `create_key(user="alice@example.com")`.
+        `control` says which control answers: {"url", "public_key", "pid"}."""
         t = self.tailnet
+        if op == "control":
+            return {"url": self.url, "public_key": self.public_key, "pid": os.getpid()}
         if op in ApiServer.ADMIN_OPS:  # OAuth clients, API tokens, tag owners
             return self.api.admin(op, **args)
         if op == "create_key":
@@ -422,9 +486,7 @@ class ControlServer:
             return await self._upgrade(reader, writer, headers)
         if path.startswith("/api/v2/"):
             return await self.api.handle(reader, writer, method, target, headers)
-        if path.startswith("/admin/"):
-            return await self._admin_http(reader, writer, method, target, headers)
-        _reply(writer, 404, "not found")
+        _reply(writer, 404, "not found")  # /admin/ too: it is on the admin socket only
 
     async def _upgrade(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        headers: dict[str, str]) -> None:
@@ -447,14 +509,63 @@ class ControlServer:
             self._sessions.discard(s)
             s.close_streams()
 
-    # -- admin over HTTP --------------------------------------------------------------
+    # -- admin over HTTP on the admin socket ------------------------------------------
+
+    async def _on_admin_connection(self, reader: asyncio.StreamReader,
+                                   writer: asyncio.StreamWriter) -> None:
+        """One HTTP/1.1 request per connection. The peer's uid, as the kernel reports it,
+        must be this process's or root's, whatever the socket's mode (a NAS's ACLs can
+        make modes meaningless): 403 otherwise, once the head is read (never the body)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._admin_tasks.add(task)
+        try:
+            pid, uid, _ = peer_credentials(writer.get_extra_info("socket"))
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+            except asyncio.LimitOverrunError:
+                return _reply(writer, 431, "request head too large")
+            if uid not in (0, os.geteuid()):
+                self.tailnet.event("admin_refused", reason=f"peer uid {uid} (pid {pid})")
+                return _reply(writer, 403, json.dumps({"error": f"uid {uid} may not administer "
+                                                                "this control"}), "application/json")
+            try:
+                method, target, path, headers = _parse_head(head)
+            except ValueError as e:
+                return _reply(writer, 400, f"bad request: {e}")
+            if not path.startswith("/admin/"):
+                return _reply(writer, 404, json.dumps({"error": f"no admin route {path[:60]}"}),
+                              "application/json")
+            await self._admin_http(reader, writer, method, target, headers)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError,
+                asyncio.TimeoutError) as e:
+            log.debug("admin connection dropped: %s", e)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # one bad client never takes the server down
+            log.exception("admin connection failed")
+        finally:
+            self._admin_tasks.discard(task)
+            writer.close()
+
+    async def _close_admin(self) -> None:
+        """Stop the admin socket: close it, end its connections, unlink it (if it is still
+        the one this control bound)."""
+        if self._admin_server is None:
+            return
+        self._admin_server.close()
+        for t in list(self._admin_tasks):
+            t.cancel()
+        await asyncio.gather(*self._admin_tasks, return_exceptions=True)
+        self._admin_server = None
+        path = admin_socket_path(self.data_dir)
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(path).st_ino == self._admin_ino:
+                path.unlink()
 
     async def _admin_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           method: str, target: str, headers: dict[str, str]) -> None:
-        given = headers.get("authorization", "").encode("latin-1")  # the head was read as latin-1
-        if not secrets.compare_digest(given, f"Bearer {self.admin_token}".encode()):
-            return _reply(writer, 401, json.dumps({"error": "missing or wrong admin token"}),
-                          "application/json")
         try:
             length = int(headers.get("content-length", "0"))
         except ValueError:
@@ -746,6 +857,7 @@ def _admin_route(method: str, target: str, body: dict[str, Any]) -> tuple[str, d
         ("GET", "keys"): "list_keys", ("POST", "keys"): "create_key",
         ("GET", "nodes"): "list_nodes", ("GET", "events"): "events",
         ("POST", "fault"): "set_fault", ("GET", "caps"): "list_caps", ("POST", "caps"): "set_caps",
+        ("GET", "control"): "control",
     }
     if len(parts) == 1 and (method, parts[0]) in routes:
         return routes[(method, parts[0])], {**query, **body}
@@ -778,12 +890,26 @@ def _opt_status(value: Any) -> int | None:
     return status
 
 
-def _read_or_make_token(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        token = secrets.token_urlsafe(24)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        return token
+def admin_socket_path(control_dir: Path) -> Path:
+    """The admin socket: CONTROL_DIR/admin.sock, or, when that path does not fit in a
+    socket address (107 bytes), `control-admin.sock` in the private runtime dir named
+    after the control dir (paths.socket_path): the same path for server and client."""
+    return paths.socket_path(control_dir / "admin.sock", control_dir, "control-admin.sock")
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of a unix socket's peer as the kernel recorded them at connect
+    (SO_PEERCRED, Linux: struct ucred is three C ints)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def _write_endpoint(path: Path, info: dict[str, Any]) -> None:
+    """Write endpoint.json whole (a reader never sees half of it), 0600 like all else in
+    the control dir, though nothing in it is secret."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(info))
+    os.replace(tmp, path)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from supervisor.control import noise
-from supervisor.control.server import ControlServer
+from supervisor.control.server import ControlServer, admin_socket_path
 from supervisor.control.tailnet import NO_CAPS, Tailnet
 from tests.control.ts2021_client import (HTTPError, MapStream, Ts2021Client, http1, map_body,
                                          node_key, register_body, server_public_key, upgrade)
@@ -237,23 +237,18 @@ def test_bad_input_is_refused_and_others_keep_being_served(tmp_path: Path, case:
     run(tmp_path, body)
 
 
-# -- admin over HTTP -------------------------------------------------------------------------
+# -- admin over HTTP on the admin socket ------------------------------------------------------
+
+
+def admin_url(srv: ControlServer) -> str:
+    return f"unix:{admin_socket_path(srv.data_dir)}"
 
 
 def test_admin_http(tmp_path: Path) -> None:
     async def body(srv: ControlServer, stack: contextlib.AsyncExitStack) -> None:
-        token = (srv.data_dir / "admin-token").read_text().strip()
-        auth = {"Authorization": f"Bearer {token}"}
-
-        async def admin(method: str, path: str, data: bytes = b"",
-                        headers: dict[str, str] | None = None) -> tuple[int, Any]:
-            status, raw = await http1(srv.url, method, path, data,
-                                      auth if headers is None else headers)
+        async def admin(method: str, path: str, data: bytes = b"") -> tuple[int, Any]:
+            status, raw = await http1(admin_url(srv), method, path, data)
             return status, json.loads(raw)
-
-        assert (await admin("GET", "/admin/nodes", headers={}))[0] == 401
-        assert (await admin("GET", "/admin/nodes", headers={"Authorization": "Bearer nope"}))[0] == 401
-        assert (await admin("GET", "/admin/nodes", headers={"Authorization": token}))[0] == 401
 
         status, key = await admin("POST", "/admin/keys", b'{"reusable": true}')
         assert status == 200 and key["reusable"] is True and key["secret"].startswith("tskey-auth-")
@@ -299,8 +294,7 @@ def test_bad_admin_arguments_are_refused_and_the_state_still_loads(tmp_path: Pat
     """The admin API is the one writer of keys besides nodes: nothing it accepts may make
     state.json unloadable (an infinite expiry used to be saved as `Infinity`)."""
     async def body(srv: ControlServer, stack: contextlib.AsyncExitStack) -> None:
-        token = (srv.data_dir / "admin-token").read_text().strip()
-        status, raw = await http1(srv.url, "POST", path, data, {"Authorization": f"Bearer {token}"})
+        status, raw = await http1(admin_url(srv), "POST", path, data)
         assert status in (400, 404) and json.loads(raw)["error"], (status, raw)
         assert srv.admin("list_keys") == [] and srv.fault_status is None
         assert srv.tailnet.default_caps == NO_CAPS
@@ -320,15 +314,13 @@ def test_state_survives_restart_without_secrets(tmp_path: Path) -> None:
         key = srv.admin("create_key", reusable=True)
         j = await join(srv, stack, key["secret"], "keeper", machine)
         saved.update(secret=key["secret"], nk=j.nk, nodes=srv.admin("list_nodes"),
-                     pub=await server_public_key(srv.url), port=srv.port,
-                     token=(srv.data_dir / "admin-token").read_text())
+                     pub=await server_public_key(srv.url), port=srv.port)
 
     async def second(srv: ControlServer, stack: contextlib.AsyncExitStack) -> None:
         assert await server_public_key(srv.url) == saved["pub"]
         nodes = srv.admin("list_nodes")
         assert [(n["id"], n["hostname"], n["addresses"], n["node_key"]) for n in nodes] == \
             [(n["id"], n["hostname"], n["addresses"], n["node_key"]) for n in saved["nodes"]]
-        assert (srv.data_dir / "admin-token").read_text() == saved["token"]
         # the node (same machine key) can poll again without registering
         c = await stack.enter_async_context(Ts2021Client(srv.url, machine))
         ms = await c.map_stream(map_body(saved["nk"], "keeper"))
@@ -523,11 +515,9 @@ def test_granted_capabilities_reach_the_node_at_once_and_only_the_node(tmp_path:
 
 def test_admin_http_caps_and_key_owner(tmp_path: Path) -> None:
     async def body(srv: ControlServer, stack: contextlib.AsyncExitStack) -> None:
-        token = (srv.data_dir / "admin-token").read_text().strip()
-        auth = {"Authorization": f"Bearer {token}"}
-
         async def admin(method: str, path: str, data: dict[str, Any] | None = None) -> tuple[int, Any]:
-            status, raw = await http1(srv.url, method, path, json.dumps(data).encode() if data else b"", auth)
+            status, raw = await http1(admin_url(srv), method, path,
+                                      json.dumps(data).encode() if data else b"")
             return status, json.loads(raw)
 
         status, key = await admin("POST", "/admin/keys", {"user": "alice@example.com"})

@@ -70,11 +70,17 @@ async def read_http1_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, 
 
 async def http1(url: str, method: str, path: str, body: bytes = b"",
                 headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    """One HTTP/1.1 request (the server answers with Connection: close)."""
-    host, port = _hostport(url)
-    reader, writer = await asyncio.open_connection(host, port)
+    """One HTTP/1.1 request (the server answers with Connection: close); `url` is
+    http://HOST:PORT or unix:/PATH (the control's admin socket)."""
+    if url.startswith("unix:"):
+        reader, writer = await asyncio.open_unix_connection(url.removeprefix("unix:"))
+        authority = "control"
+    else:
+        host, port = _hostport(url)
+        reader, writer = await asyncio.open_connection(host, port)
+        authority = f"{host}:{port}"
     try:
-        hdrs = {"Host": f"{host}:{port}", "Content-Length": str(len(body)), **(headers or {})}
+        hdrs = {"Host": authority, "Content-Length": str(len(body)), **(headers or {})}
         writer.write(f"{method} {path} HTTP/1.1\r\n".encode()
                      + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()).encode() + b"\r\n" + body)
         status, rh = await read_http1_head(reader)
