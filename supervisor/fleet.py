@@ -113,6 +113,8 @@ class Fleet:
             await control.stop()
             raise
         self.control = control  # only a control that started: proxies dial its URL
+        if control.port_moved:  # its last port is taken: one line, before anything dials it
+            self._note("-", "control_port_changed", f"embedded {control.port_moved}")
         self._note("-", "control_started", f"embedded control at {self.control.url}")
 
     # -- events ------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from supervisor import statefile
+from supervisor.reconcile import normalize_control_url
 from supervisor.states import Signal
 from supervisor.tailscale import STATE_FILE, BackendState, BusEvent, NodeStatus, Observed
 
@@ -147,6 +149,25 @@ def check_state_file(statedir: Path) -> Verdict | None:
     if not isinstance(data, dict) or not data.get("_machinekey"):
         return Verdict(Signal.CORRUPT_STATE, f"state file has no machine key: {path}")
     return None
+
+
+def check_control(statedir: Path, control_url: str | None) -> Verdict | None:
+    """Before a launch: is the state logged in on the control the proxy is to use
+    (`control_url`, normalized as reconcile does)? If not, tailscaled would dial the
+    other control at start, and after the embedded control had to change ports that
+    old address may be anyone's listener, so the node is re-registered on the right
+    one first (Signal.REREGISTER: a planned fresh start, the budget untouched). None
+    when there is no state, it cannot be read (check_state_file's part), prefs leave
+    ControlURL unset, or it is the same control."""
+    try:
+        raw = (statedir / STATE_FILE).read_bytes()
+    except OSError:
+        return None
+    seen = statefile.control_url(raw)
+    if not seen or normalize_control_url(seen) == normalize_control_url(control_url):
+        return None
+    return Verdict(Signal.REREGISTER, f"config changed: login_server (logged in on {seen}, "
+                                      f"configured for {normalize_control_url(control_url)})")
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float) -> float:

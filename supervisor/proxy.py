@@ -125,6 +125,7 @@ class Launch:
     login_retry_at: float = 0.0
     login_attempts: int = 0
     login_error: str = ""
+    transient: str = ""  # tailscaled's last transient complaint this launch (e.g. the control not answering)
     serve_retry_at: float = 0.0
     serve_attempts: int = 0
     serve_error: str = ""
@@ -412,6 +413,7 @@ class Proxy:
 
     def post(self, L: Launch, v: Verdict) -> None:
         if v.signal is None:
+            L.transient = v.reason  # part of the reason while not running: the deadline names it
             if v.reason != self.last_error:
                 self.last_error = v.reason
                 self._note("transient", v.reason)
@@ -445,6 +447,8 @@ class Proxy:
     async def _launch_main(self, L: Launch) -> None:
         try:
             corrupt = await asyncio.to_thread(policy.check_state_file, self.statedir)
+            if corrupt is None:  # logged in on another control: tailscaled would dial that one first
+                corrupt = await asyncio.to_thread(policy.check_control, self.statedir, self.desired().control_url)
             if corrupt is not None:  # before tailscaled can overwrite it (1.78.1 would)
                 self.post(L, corrupt)
                 return
@@ -578,6 +582,8 @@ class Proxy:
             elif st is ts.BackendState.STOPPED:
                 self._start_login(L, with_key=False)  # logged in, just not wanted up
             why = rc.reconcile(want, obs)[0].reason + (f"; tailscale up: {L.login_error}" if L.login_error else "")
+            if L.transient and L.transient not in why:
+                why += f"; {L.transient}"
             self.reason = why
             if self.state in (State.RUNNING, State.DEGRADED):
                 self.post(L, Verdict(Signal.NOT_RUNNING, why))

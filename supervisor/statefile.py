@@ -44,6 +44,23 @@ def is_good_state(raw: bytes) -> bool:
     return bool(profile) and isinstance(data.get(profile), str)
 
 
+def control_url(raw: bytes) -> str | None:
+    """The current profile's `prefs.ControlURL`: the control this state is logged in on
+    ("" where prefs leave it unset, tailscale's default). None when that cannot be read:
+    not plaintext state (TPM-sealed, corrupt), no current profile, prefs not a JSON
+    object, or no string ControlURL (tailscale/tailscale ipn/prefs.go `ControlURL`)."""
+    if not is_good_state(raw):
+        return None
+    data = json.loads(raw)
+    profile = base64.b64decode(data["_current-profile"]).decode()
+    try:
+        prefs = json.loads(base64.b64decode(data[profile], validate=True))
+    except (binascii.Error, ValueError, RecursionError):
+        return None
+    url = prefs.get("ControlURL") if isinstance(prefs, dict) else None
+    return url if isinstance(url, str) else None
+
+
 def _write_private(path: Path, raw: bytes) -> None:
     """Atomically, 0600, fsynced: it holds private keys."""
     tmp = path.with_name(path.name + ".new")

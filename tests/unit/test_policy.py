@@ -169,3 +169,36 @@ def test_the_state_file_is_checked_before_a_launch(tmp_path, content, verdict):
 def test_a_signal_death_says_which_signal_and_no_unrelated_last_line():
     v = policy.from_exit(-9, ["2026/11/30 22:54:03 netmap: suggested exit node: ()"])
     assert v.signal is Signal.CRASH and v.reason == "tailscaled was killed by SIGKILL"
+
+
+def _logged_in_on(url: str | None) -> bytes:
+    import base64
+    import json
+    prefs = {} if url is None else {"ControlURL": url}
+    return json.dumps({"_machinekey": "bWtleQ==", "_current-profile": base64.b64encode(b"p").decode(),
+                       "p": base64.b64encode(json.dumps(prefs).encode()).decode()}).encode()
+
+
+@pytest.mark.parametrize("content,configured,verdict", [
+    (None, "http://127.0.0.1:2", None),                                       # fresh: nothing to check
+    (_logged_in_on("http://127.0.0.1:1"), "http://127.0.0.1:1", None),
+    (_logged_in_on("http://127.0.0.1:1/"), "http://127.0.0.1:1", None),       # as tailscale compares them
+    (_logged_in_on("https://login.tailscale.com"), None, None),               # a hosted synonym
+    (_logged_in_on(""), "http://127.0.0.1:2", None),                          # unset: the login decides
+    (_logged_in_on(None), "http://127.0.0.1:2", None),
+    (b"{not json", "http://127.0.0.1:2", None),                               # check_state_file's part
+    (_logged_in_on("http://127.0.0.1:1"), "http://127.0.0.1:2",
+     "config changed: login_server (logged in on http://127.0.0.1:1, configured for http://127.0.0.1:2)"),
+    (_logged_in_on("http://127.0.0.1:1"), None,
+     "config changed: login_server (logged in on http://127.0.0.1:1, configured for "
+     "https://controlplane.tailscale.com)"),
+])
+def test_a_state_on_another_control_is_re_registered_before_tailscaled_can_dial_it(
+        tmp_path, content, configured, verdict):
+    if content is not None:
+        (tmp_path / "tailscaled.state").write_bytes(content)
+    v = policy.check_control(tmp_path, configured)
+    if verdict is None:
+        assert v is None
+    else:
+        assert v.signal is Signal.REREGISTER and v.reason == verdict

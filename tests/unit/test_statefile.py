@@ -5,6 +5,8 @@ import base64
 import json
 import os
 
+import pytest
+
 from supervisor import statefile
 
 GOOD = json.dumps({"_machinekey": base64.b64encode(b"mkey:abc").decode(),
@@ -53,3 +55,29 @@ def test_restore_prefers_an_intact_tmp_then_the_copy_then_nothing(tmp_path):
     (sd / "tailscaled.state").write_bytes(b"")
     assert "copy" in statefile.restore(sd, copy)
     assert b"from" in (sd / "tailscaled.state").read_bytes()
+
+
+def _state(prefs: bytes | None, **extra: str) -> bytes:
+    data = {"_machinekey": base64.b64encode(b"mkey:abc").decode(),
+            "_current-profile": base64.b64encode(b"profile-1").decode(), **extra}
+    if prefs is not None:
+        data["profile-1"] = base64.b64encode(prefs).decode()
+    return json.dumps(data).encode()
+
+
+@pytest.mark.parametrize("raw,url", [
+    (GOOD, "x"),
+    (_state(b'{"ControlURL": "http://127.0.0.1:41641"}'), "http://127.0.0.1:41641"),
+    (_state(b'{"ControlURL": ""}'), ""),
+    (_state(b'{"WantRunning": true}'), None),       # unset: no claim either way
+    (_state(b'{"ControlURL": 5}'), None),
+    (_state(b"[1]"), None),
+    (_state(b"{not json"), None),
+    (_state(b"[" * 10000), None),
+    (_state(None), None),                           # no current profile's prefs
+    (_state(None, **{"profile-1": "!!notbase64"}), None),
+    (b'{"key": {}, "nonce": "AA==", "data": "AA=="}', None),  # TPM-sealed
+    (b"", None),
+])
+def test_the_control_a_state_is_logged_in_on(raw: bytes, url: str | None):
+    assert statefile.control_url(raw) == url
