@@ -10,6 +10,15 @@ keep-alives. Mesh frames (ForwardPacket, WatchConns, ClosePeer) need a mesh
 key, which this relay has none of, so they close the connection as the real
 server does for a client without one.
 
+Admission, like derpserver's --verify-clients: the ClientInfo frame is sealed
+with the client's key, proving possession of it, and `admit` (the control: is
+this a registered node's key?) decides at once; a refused client is closed
+before any frame more. Liveness: the real server trusts an admitted client
+forever; this one, when a client that declared `CanAckPings` has been silent
+for a keep-alive interval, sends a Ping with the keep-alive and closes it if
+it is still silent at the next one. tailscaled answers pings at once
+(magicsock's derp reader, 1.78 and 1.96), so a healthy node is never cut.
+
 Wire format: each frame is `type u8 | length u32be | payload`.
 """
 from __future__ import annotations
@@ -22,10 +31,13 @@ import random
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
+
+from supervisor.control.limits import Summarized
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +88,10 @@ PEER_GONE_NOT_HERE = 0x01
 
 class ProtocolError(Exception):
     """The client broke the protocol; its connection (only) is closed."""
+
+
+class NotAdmitted(Exception):
+    """The client proved a key that `admit` refused; its connection is closed at once."""
 
 
 def frame(ftype: int, payload: bytes = b"") -> bytes:
@@ -130,6 +146,9 @@ class _Conn:
     peer_gone_limit: _TokenBucket = field(default_factory=_TokenBucket)
     preferred: bool = False
     dropped: int = 0
+    can_ack_pings: bool = False  # ClientInfo.CanAckPings: it answers our pings
+    last_rx: float = field(default_factory=time.monotonic)  # when it last sent a frame
+    ping_sent: float | None = None  # when we last pinged it for liveness
 
     def __post_init__(self) -> None:
         self.packets = deque(maxlen=self.queue_depth)
@@ -166,7 +185,12 @@ class DerpServer:
 
     def __init__(self, private_key: bytes | None = None, *,
                  keepalive: float = KEEPALIVE_INTERVAL,
-                 queue_depth: int = SEND_QUEUE_DEPTH) -> None:
+                 queue_depth: int = SEND_QUEUE_DEPTH,
+                 admit: Callable[[bytes, asyncio.StreamWriter], bool] | None = None) -> None:
+        """`admit(key, writer)`: called once the client proved its 32-byte key; False
+        closes the connection (None: every key is served)."""
+        self.admit = admit
+        self.notes = Summarized(log.warning, burst=3)  # a flood of bad clients logs a count
         self._priv = PrivateKey(private_key) if private_key is not None else PrivateKey.generate()
         self.private_key: bytes = bytes(self._priv)
         self.public_key: bytes = bytes(self._priv.public_key)
@@ -200,7 +224,9 @@ class DerpServer:
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass  # the client went away; nothing to report
         except ProtocolError as e:
-            log.warning("derp: closing %s: %s", peer, e)
+            self.notes.note("protocol", f"derp: closing {peer}: {e}", "derp: closed clients for protocol errors")
+        except NotAdmitted as e:
+            self.notes.note("refused", f"derp: closing {peer}: {e}", "derp: closed clients with unregistered keys")
         except Exception:  # a bug here must cost one connection, not the control
             log.exception("derp: closing %s: internal error", peer)
         finally:
@@ -243,10 +269,12 @@ class DerpServer:
         writer.write(frame(FrameType.SERVER_KEY, MAGIC + self.public_key))
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             await writer.drain()
-            key, box = await self._recv_client_info(reader)
+            key, box, info = await self._recv_client_info(reader)
+        if self.admit is not None and not self.admit(key, writer):
+            raise NotAdmitted(f"key {short_key(key)} is not a registered node's")
 
         conn = _Conn(key=key, writer=writer, name=f"{peer}{short_key(key)}",
-                     queue_depth=self.queue_depth)
+                     queue_depth=self.queue_depth, can_ack_pings=info.get("CanAckPings") is True)
         conn.enqueue_control(frame(FrameType.SERVER_INFO,
                                    bytes(box.encrypt(json.dumps({"version": PROTOCOL_VERSION}).encode()))))
         self._register(conn)
@@ -260,9 +288,9 @@ class DerpServer:
             self._unregister(conn)
             sender.cancel()  # it only ever waits on wake/drain, so this is immediate
 
-    async def _recv_client_info(self, reader: asyncio.StreamReader) -> tuple[bytes, Box]:
-        """The client's key, proven by a box sealed to us; returns the box for
-        the reply. (Its JSON - version, CanAckPings - changes nothing here.)"""
+    async def _recv_client_info(self, reader: asyncio.StreamReader) -> tuple[bytes, Box, dict]:
+        """The client's key, proven by a box sealed to us; the box for the reply; the
+        ClientInfo JSON object (derp.ClientInfo: version, CanAckPings, ...)."""
         ftype, flen = struct.unpack(">BI", await reader.readexactly(HEADER_LEN))
         if ftype != FrameType.CLIENT_INFO:
             raise ProtocolError(f"bad frame type 0x{ftype:X}, want client info")
@@ -279,7 +307,7 @@ class DerpServer:
             raise ProtocolError(f"cannot open client info from {short_key(key)}: {e}") from None
         if not isinstance(info, dict):
             raise ProtocolError("client info is not a JSON object")
-        return key, box
+        return key, box, info
 
     # -- steady state ------------------------------------------------------
 
@@ -296,6 +324,7 @@ class DerpServer:
             if flen > limit:
                 raise ProtocolError(f"frame type 0x{ftype:X} length {flen} exceeds {limit}")
             payload = await reader.readexactly(flen) if flen else b""
+            conn.last_rx = time.monotonic()
             self._note_activity(conn)
             if ftype == FrameType.SEND_PACKET:
                 if flen < KEY_LEN:
@@ -316,7 +345,8 @@ class DerpServer:
             # anything else (pong, future frames) is skipped, as the real server does
 
     async def _send_loop(self, conn: _Conn) -> None:
-        """Write queued frames; send a keep-alive when idle for the interval."""
+        """Write queued frames; a keep-alive every interval, with a liveness ping to a
+        silent client that can answer it (closed if silent through the next one)."""
         loop = asyncio.get_running_loop()
         keepalive_due = False
 
@@ -334,14 +364,18 @@ class DerpServer:
                 conn.wake.clear()
                 data = conn.take_output()
                 if keepalive_due:
-                    data += frame(FrameType.KEEP_ALIVE)
+                    data += self._keepalive(conn)
                     keepalive_due = False
                 if data:
                     conn.writer.write(data)
                     async with asyncio.timeout(WRITE_TIMEOUT):
                         await conn.writer.drain()
         except TimeoutError:
-            log.warning("derp: closing %s: write timed out (client not reading)", conn.name)
+            self.notes.note("stalled", f"derp: closing {conn.name}: write timed out (client not reading)",
+                            "derp: closed clients not reading")
+            conn.writer.transport.abort()
+        except _Silent as e:
+            self.notes.note("silent", f"derp: closing {conn.name}: {e}", "derp: closed silent clients")
             conn.writer.transport.abort()
         except ConnectionError:
             conn.writer.transport.abort()
@@ -350,6 +384,19 @@ class DerpServer:
             conn.writer.transport.abort()
         finally:
             timer.cancel()
+
+    def _keepalive(self, conn: _Conn) -> bytes:
+        """The frames of one keep-alive tick; _Silent if a liveness ping went unanswered."""
+        now = time.monotonic()
+        if not conn.can_ack_pings:
+            return frame(FrameType.KEEP_ALIVE)
+        if conn.ping_sent is not None and conn.last_rx < conn.ping_sent:
+            raise _Silent(f"silent for {now - conn.last_rx:.0f} s and did not answer a ping")
+        conn.ping_sent = None
+        if now - conn.last_rx < self.keepalive:
+            return frame(FrameType.KEEP_ALIVE)
+        conn.ping_sent = now
+        return frame(FrameType.KEEP_ALIVE) + frame(FrameType.PING, random.randbytes(8))
 
     # -- routing -----------------------------------------------------------
 
@@ -394,6 +441,10 @@ class DerpServer:
             w.seen_src.discard(conn.key)
             if not w.closed:
                 w.enqueue_control(frame(FrameType.PEER_GONE, conn.key + bytes([PEER_GONE_DISCONNECTED])))
+
+
+class _Silent(Exception):
+    """An admitted client stayed silent through a liveness ping."""
 
 
 def _peername(writer: asyncio.StreamWriter) -> str:

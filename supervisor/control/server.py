@@ -46,7 +46,7 @@ import h2.settings
 import psutil
 
 from supervisor import paths
-from supervisor.control import noise, zstdframe
+from supervisor.control import limits, noise, zstdframe
 from supervisor.control.api import ApiServer
 from supervisor.control.derp import DerpServer
 from supervisor.control.stun import StunServer
@@ -60,6 +60,9 @@ MAX_BODY = 1 << 20
 HEAD_TIMEOUT = 10.0
 MAX_WRITE_BUFFER = 8 << 20  # a session that stops reading is dropped, not buffered forever
 MINT_KEY_LIFETIME = 3600.0
+TRUST_DEADLINE = 10.0  # upgrade -> a registered node's machine key (like derpserver's 10 s handshake)
+SESSION_IDLE_TIMEOUT = 120.0  # no request, no stream: > 1.78's own 60 s idle close, = its map watchdog
+CLOSE_TIMEOUT = 2.0  # what a closed connection may take to flush before it is dropped
 ALLOW_ALL = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
 
 
@@ -68,12 +71,24 @@ class ControlServer:
     reads `data_dir/state.json`: StateError (one line) if it has the wrong shape.
 
     Bad input costs one connection: an HTTP error or a close, logged at debug level
-    (DERP: one warning line); a request body of the wrong shape gets 400 naming the
-    field. Only a bug is logged as an error (and answered 500)."""
+    (DERP: one warning line, a storm of them one line per 10 s with a count); a request
+    body of the wrong shape gets 400 naming the field. Only a bug is logged as an error
+    (and answered 500).
+
+    Local users can all reach the port, so a connection is held only while it proves
+    itself (limits.py): a ts2021 session must speak for a registered node's machine
+    key (at the handshake, or by a register that succeeds) within `trust_deadline`
+    seconds, DERP serves only registered node keys, an HTTP/1 request head must come
+    within 10 s; a trusted session with no request or stream for `idle_timeout`
+    seconds gets GOAWAY. At most `max_connections` = (all, untrusted) are held (from
+    RLIMIT_NOFILE by default, keeping a reserve for supervision); over it the oldest
+    untrusted one is shed, and a proven node is never displaced."""
 
     def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", port: int = 0,
                  ephemeral_reap_after: float = 30.0, domain: str = "tailnet.test",
-                 keepalive: float = 50.0) -> None:
+                 keepalive: float = 50.0, trust_deadline: float = TRUST_DEADLINE,
+                 idle_timeout: float = SESSION_IDLE_TIMEOUT,
+                 max_connections: tuple[int, int] | None = None) -> None:
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"the control binds to loopback only, not {host}")
         self.data_dir = Path(data_dir)
@@ -81,8 +96,15 @@ class ControlServer:
         self.port = port
         self.ephemeral_reap_after = ephemeral_reap_after
         self.keepalive = keepalive
+        self.trust_deadline = trust_deadline
+        self.idle_timeout = idle_timeout
         self.tailnet = Tailnet(self.data_dir / "state.json", domain=domain, on_change=self._on_change)
-        self.derp = DerpServer()
+        self.derp = DerpServer(admit=self._admit_derp)
+        self.nofile = limits.nofile_soft_limit()
+        self._conns: limits.ConnectionTable[asyncio.BaseTransport] = limits.ConnectionTable(
+            *(max_connections or limits.connection_caps(self.nofile)))
+        self.notes = limits.Summarized(log.warning)  # one line per 10 s for a storm of alike
+        self._restore_exception_handler: Any = None
         self.stun = StunServer()
         self.api = ApiServer(self.tailnet, self.online)  # /api/v2/ on the TCP port (api.py)
         self.fault_status: int | None = None  # every /machine/ request answers this (outage)
@@ -125,6 +147,7 @@ class ControlServer:
             self.tailnet.port = self.port
             self.tailnet.save()
         self._keepalive_task = asyncio.create_task(self._keepalives())
+        self._restore_exception_handler = limits.limit_accept_errors(asyncio.get_running_loop(), self.notes)
         _write_endpoint(self.data_dir / "endpoint.json", {
             "url": self.url, "pid": os.getpid(), "create_time": psutil.Process().create_time(),
             "public_key": self.public_key, "admin_socket": str(admin_socket_path(self.data_dir))})
@@ -191,6 +214,8 @@ class ControlServer:
             return
         self._stopping = True  # from here on, closing streams schedules no reaping
         self._server.close()
+        if self._restore_exception_handler:
+            self._restore_exception_handler()
         if self._keepalive_task:
             self._keepalive_task.cancel()
         for s in list(self._sessions):
@@ -451,6 +476,19 @@ class ControlServer:
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        transport = writer.transport
+        admitted, shed = self._conns.admit(transport)
+        for old in shed:
+            old.abort()
+        if shed or not admitted:
+            self.notes.note("cap", f"control: {len(self._conns) + (not admitted)} connections held, "
+                                   f"{self._conns.untrusted} of them not yet a registered node's (cap "
+                                   f"{self._conns.cap}, {self._conns.untrusted_cap} unproven; "
+                                   f"RLIMIT_NOFILE {self.nofile}): shedding the oldest unproven",
+                            "control: connections shed or refused at the cap")
+        if not admitted:
+            transport.abort()
+            return
         self._conn_tasks.add(task)
         try:
             await self._serve_http1(reader, writer)
@@ -463,7 +501,24 @@ class ControlServer:
             log.exception("control connection failed")
         finally:
             self._conn_tasks.discard(task)
-            writer.close()
+            self._conns.discard(transport)
+            _close_soon(writer)
+
+    def _trust(self, writer: asyncio.StreamWriter) -> None:
+        """This connection speaks for a registered node: never shed, no trust deadline."""
+        self._conns.trust(writer.transport)
+
+    def _known_machine(self, machine_key: bytes) -> bool:
+        mkey = "mkey:" + machine_key.hex()
+        return any(n.machine_key == mkey for n in self.tailnet.nodes.values())
+
+    def _admit_derp(self, key: bytes, writer: asyncio.StreamWriter) -> bool:
+        """DERP serves a node key only once it is registered (the handshake proved the
+        client holds it): derpserver's --verify-clients, with the tailnet as the list."""
+        if "nodekey:" + key.hex() not in self.tailnet.by_node_key:
+            return False
+        self._trust(writer)
+        return True
 
     async def _serve_http1(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -501,6 +556,8 @@ class ControlServer:
             return _reply(writer, 400, f"handshake failed: {e}")
         writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\n"
                      b"Connection: upgrade\r\n\r\n" + response)
+        if self._known_machine(session.machine_key):  # Noise IK proved it holds the key
+            self._trust(writer)
         s = _Session(self, reader, writer, session)
         self._sessions.add(s)
         try:
@@ -610,8 +667,10 @@ class ControlServer:
             return session.respond(sid, self.register_status, body)
         result = self.tailnet.register(req, mkey, self.url)
         if result.wait_followup:
-            await session.closed.wait()  # nobody visits AuthURLs here; hold until the node gives up
+            await session.closed.wait()  # nobody visits AuthURLs here; hold until the trust deadline
             return
+        if result.node is not None:
+            self._trust(session.writer)
         session.respond(sid, 200, json.dumps(result.response).encode(), "application/json")
 
     def _map(self, session: _Session, sid: int, req: dict[str, Any], mkey: str) -> None:
@@ -620,6 +679,7 @@ class ControlServer:
             self.tailnet.event("map_rejected", reason="node not found",
                                node_key=str(req.get("NodeKey", ""))[:16])
             return session.respond(sid, 404, b"node not found")
+        self._trust(session.writer)
         if self.tailnet.update_from_map(node, req):
             self._on_change("changed", node)
         session.start_response(sid, 200, "application/octet-stream")
@@ -648,7 +708,10 @@ class _MapStream:
 
 @dataclass(eq=False)
 class _Session:
-    """One Noise connection from one machine, carrying HTTP/2."""
+    """One Noise connection from one machine, carrying HTTP/2. Closed (GOAWAY, so Go's
+    transport retries elsewhere whatever it had not sent) when it has not proven a
+    registered node's machine key by the server's trust deadline, or, proven, when it
+    has had no request or stream for the idle timeout."""
 
     server: ControlServer
     reader: asyncio.StreamReader
@@ -668,13 +731,18 @@ class _Session:
         self._bodies: dict[int, bytearray] = {}
         self._paths: dict[int, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.started = self.last_active = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
         self._flush()
 
     async def run(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(
+            min(self.server.trust_deadline, self.server.idle_timeout), self._check_time)
         try:
             while True:
                 header = await self.reader.readexactly(3)
                 ct = await self.reader.readexactly(noise.parse_record_header(header))
+                self.last_active = time.monotonic()
                 plaintext = self.noise.rx.decrypt(ct)
                 if plaintext:
                     self._on_events(self.h2.receive_data(plaintext))
@@ -682,9 +750,36 @@ class _Session:
         except h2.exceptions.ProtocolError as e:
             log.debug("h2 protocol error: %s", e)
         finally:
+            if self._timer:
+                self._timer.cancel()
             self.closed.set()
             for t in list(self._tasks):
                 t.cancel()
+
+    def _check_time(self) -> None:
+        """The trust deadline, then the idle timeout; re-armed for the next due time."""
+        now = time.monotonic()
+        srv = self.server
+        if not srv._conns.is_trusted(self.writer.transport):
+            due = self.started + srv.trust_deadline
+            if now >= due:
+                return self.close(f"no registered node's key after {srv.trust_deadline:g} s")
+        elif self.streams or self._tasks or self._bodies or self._pending:
+            due = now + srv.idle_timeout  # a long poll or a request in flight is not idle
+        else:
+            due = self.last_active + srv.idle_timeout
+            if now >= due:
+                return self.close(f"idle for {now - self.last_active:.0f} s")
+        self._timer = asyncio.get_running_loop().call_later(max(0.01, due - now), self._check_time)
+
+    def close(self, why: str) -> None:
+        """GOAWAY (requests it had not yet processed are retried by the client on a new
+        connection), then close once that is flushed."""
+        log.debug("closing a ts2021 session from mkey:%s: %s", self.noise.machine_key.hex()[:16], why)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection()
+        self._flush()
+        _close_soon(self.writer)
 
     def _on_events(self, events: list[h2.events.Event]) -> None:
         for ev in events:
@@ -783,6 +878,7 @@ class _Session:
         self._flush()
 
     def _forget(self, sid: int) -> None:
+        self.last_active = time.monotonic()
         self._pending.pop(sid, None)
         self._ending.discard(sid)
         stream = self.streams.pop(sid, None)
@@ -804,6 +900,15 @@ class _Session:
     def abort(self) -> None:
         self.closed.set()
         self.writer.transport.abort()
+
+
+def _close_soon(writer: asyncio.StreamWriter) -> None:
+    """Close after flushing what is queued, but drop the connection if the peer does not
+    read it within CLOSE_TIMEOUT: a closed connection never keeps its descriptor."""
+    transport = writer.transport
+    writer.close()
+    if transport.get_write_buffer_size():
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
 
 
 def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:

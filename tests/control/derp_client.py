@@ -50,13 +50,15 @@ class DerpClient:
 
     @classmethod
     async def connect(cls, port: int, key: PrivateKey | None = None, *,
-                      fast_start: bool = False, server_key: bytes | None = None) -> "DerpClient":
+                      fast_start: bool = False, server_key: bytes | None = None,
+                      can_ack_pings: bool = True) -> "DerpClient":
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         c = cls(reader, writer, key or PrivateKey.generate())
-        await c.handshake(fast_start=fast_start, server_key=server_key)
+        await c.handshake(fast_start=fast_start, server_key=server_key, can_ack_pings=can_ack_pings)
         return c
 
-    async def handshake(self, *, fast_start: bool = False, server_key: bytes | None = None) -> None:
+    async def handshake(self, *, fast_start: bool = False, server_key: bytes | None = None,
+                        can_ack_pings: bool = True) -> None:
         head = ("GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: Go-http-client/1.1\r\n"
                 "Connection: Upgrade\r\nUpgrade: DERP\r\n")
         if fast_start:
@@ -72,7 +74,7 @@ class DerpClient:
                 raise AssertionError(f"invalid server greeting {f}")
             server_key = f.payload[8:40]
         self.server_key = server_key
-        info = json.dumps({"version": 2, "CanAckPings": True}).encode()
+        info = json.dumps({"version": 2, "CanAckPings": can_ack_pings}).encode()
         sealed = bytes(self._box.encrypt(info))
         self.send_frame(CLIENT_INFO, self.public_key + sealed)
         await self.writer.drain()

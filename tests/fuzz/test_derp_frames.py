@@ -75,7 +75,8 @@ async def _parse(data: bytes, after_info: bool) -> None:
             server._register(conn)
             await server._recv_loop(reader, conn)
         else:
-            key, _ = await server._recv_client_info(reader)
+            key, _, info = await server._recv_client_info(reader)
+            assert isinstance(info, dict)
             assert key == bytes(CLIENT.public_key)
     except (derp.ProtocolError, asyncio.IncompleteReadError):
         pass
@@ -209,6 +210,52 @@ async def send_and_wait_for_close_client(c: DerpClient, timeout: float = 5) -> N
         raise AssertionError("the server kept a bad DERP connection open") from None
     finally:
         await c.close()
+
+
+@settings(max_examples=60)
+@given(st.one_of(JSON.map(dumps), st.binary(max_size=40),
+                 st.just(b'{"version": 2, "CanAckPings": true}')), st.booleans())
+@example(json.dumps({"version": 2, "meshKey": "ab" * 32}).encode(), False).via("claims a mesh key")
+@example(json.dumps({"version": 2, "IsProber": True}).encode(), True).via("a prober, fast start")
+def test_any_client_info_of_an_unregistered_key_gets_no_frame_and_a_close(live: Any, body: bytes,
+                                                                           fast: bool) -> None:
+    """With the control's own admission (registered node keys only), whatever the sealed
+    ClientInfo says: not one frame after the server key, the connection closed, the key
+    never served; the bystander and the relay unaffected."""
+    lc, _ = live
+    lc.clear()
+    key = PrivateKey.generate()
+
+    async def go() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lc.srv.port)
+        try:
+            writer.write(UPGRADE + (b"Derp-Fast-Start: 1\r\n" if fast else b"") + b"\r\n")
+            if not fast:
+                await reader.readuntil(b"\r\n\r\n")
+            _, n = struct.unpack(">BI", await reader.readexactly(5))
+            server_key = (await reader.readexactly(n))[8:40]
+            writer.write(sealed_info(body, key=key, server=server_key))
+            rest = b""
+            async with asyncio.timeout(5):
+                try:
+                    while chunk := await reader.read(65536):
+                        rest += chunk
+                except ConnectionError:
+                    pass
+            return rest
+        finally:
+            writer.close()
+
+    admit_before = lc.srv.derp.admit
+    lc.srv.derp.admit = lc.srv._admit_derp
+    try:
+        assert asyncio.run(go()) == b""
+    finally:
+        lc.srv.derp.admit = admit_before
+    assert not lc.srv.derp.is_connected(bytes(key.public_key))
+    lc.assert_healthy()
+    asyncio.run(relay_works(lc.srv.port))
+    lc.assert_healthy()
 
 
 def test_zz_bystander_still_receives(live: Any) -> None:
