@@ -9,11 +9,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from supervisor import __version__
 from supervisor import config as cfgmod
+from supervisor import trust
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+# The settings file when --settings is not given (if it exists): a fixed system
+# path, never the working directory (whoever can write the working directory
+# would name the binaries root executes).
+SYSTEM_SETTINGS = Path("/etc/ts-supervisor/ts-supervisor.toml")
 
 
 def default_data_dir() -> Path:
@@ -27,11 +33,56 @@ def default_data_dir() -> Path:
     return Path(state) / "ts-supervisor"
 
 
+def settings_path(args: argparse.Namespace) -> Path | None:
+    """--settings, else SYSTEM_SETTINGS if it exists, else None (the defaults)."""
+    if args.settings is not None:
+        return args.settings
+    return SYSTEM_SETTINGS if os.path.lexists(SYSTEM_SETTINGS) else None
+
+
 def _settings(args: argparse.Namespace) -> cfgmod.Settings:
-    path = args.settings
-    if path is None and Path("ts-supervisor.toml").is_file():
-        path = Path("ts-supervisor.toml")
-    return cfgmod.load_settings(path)
+    """The settings (settings_path), trusted as root trusts: the file itself only
+    if no one but root and this user can write it (its own trust_acl_paths cannot
+    vouch for it), the files it names by its ACL-aware policy. Raises SettingsError."""
+    path = settings_path(args)
+    settings = cfgmod.load_settings(path)
+    if path is None:
+        return settings
+    problems = [f"{path}: {why}" for why in [trust.Policy().problem(path)] if why]
+    problems += [f"{path}: {key}: {why}" for key, why in _trust(settings).key_problems(settings)]
+    if problems:
+        raise cfgmod.SettingsError(problems)
+    return settings
+
+
+def _trust(settings: cfgmod.Settings) -> trust.Policy:
+    return trust.Policy(acl_paths=settings.trust_acl_paths)
+
+
+def register_secrets(args: argparse.Namespace) -> None:
+    """Read every configured secret once, at start, so that this process
+    redacts them too: the settings' (webhook URLs, credential files) and those
+    of each proxy file in the config dir the last `run` recorded in
+    DATA/run.json (its settings file too, unless --settings is given).
+    Best effort: what cannot be read or trusted is skipped."""
+    from supervisor.events import register_configured
+    from supervisor.fleet import RUN_RECORD
+    record: dict = {}
+    try:
+        loaded = json.loads(cfgmod.read_text(args.data_dir / RUN_RECORD))
+        record = loaded if isinstance(loaded, dict) else {}
+    except (cfgmod.Unreadable, ValueError):
+        pass
+    if args.settings is None and isinstance(record.get("settings"), str):
+        args = argparse.Namespace(**{**vars(args), "settings": Path(record["settings"])})
+    try:
+        settings = _settings(args)
+    except cfgmod.SettingsError:
+        settings = cfgmod.Settings()
+    register_configured(settings)
+    if isinstance(record.get("config_dir"), str):
+        configs, _ = cfgmod.load_dir(Path(record["config_dir"]), trust=_trust(settings))
+        register_configured(*configs)
 
 
 def _err(msg: str) -> None:
@@ -45,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from supervisor.fleet import Fleet, LockedError
     from supervisor.tailscale import BinaryNotFound
 
+    os.umask(0o077)  # everything the supervisor creates is its user's alone (0600, 0700)
     try:
         settings = _settings(args)
     except cfgmod.SettingsError as e:
@@ -54,8 +106,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.config_dir.is_dir():
         _err(f"config dir {args.config_dir} does not exist")
         return EXIT_USAGE
+    policy = _trust(settings)
+    if (why := policy.problem(args.config_dir)) is not None:
+        _err(f"config dir {args.config_dir}: {why}")
+        return EXIT_USAGE
     live = not args.no_console and sys.stdout.isatty()
-    fleet = Fleet(args.config_dir, args.data_dir, settings)
+    fleet = Fleet(args.config_dir, args.data_dir, settings, trust=policy,
+                  settings_path=settings_path(args))
     # keys operate the fleet when stdin is a terminal too (`run < /dev/null` only watches)
     table = LiveTable(fleet, Console(), interactive=sys.stdin.isatty()) if live else None
     if table:
@@ -80,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except (LockedError, BinaryNotFound) as e:
+    except (LockedError, BinaryNotFound, trust.Untrusted) as e:
         _err(str(e))
         return EXIT_ERROR
     except OSError as e:  # unwritable, read-only or full data dir: one line, no traceback
@@ -91,9 +148,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from supervisor import ipc
+    from supervisor.events import redact_json
 
+    register_secrets(args)
     try:
-        answer = ipc.call(args.data_dir, "status")
+        answer = redact_json(ipc.call(args.data_dir, "status"))
     except ipc.NotRunning as e:
         _err(str(e))
         return EXIT_NOT_RUNNING
@@ -123,12 +182,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def tailscale_version(settings: cfgmod.Settings) -> tuple[int, ...] | None:
     """The version of the tailscale binaries `run` would use, or None if
-    they cannot be found or asked (then nothing is refused by version)."""
+    they cannot be found, trusted or asked (then nothing is refused by version)."""
     from supervisor.tailscale import Binaries, BinaryNotFound
     try:
-        return cfgmod.parse_version(Binaries.locate(settings.tailscale, settings.tailscaled).version())
+        bins = Binaries.locate(settings.tailscale, settings.tailscaled)
+        if binary_problems(bins, settings, _trust(settings)):
+            return None  # never executed: `run` refuses them, `check` says why
+        return cfgmod.parse_version(bins.version())
     except (BinaryNotFound, OSError, subprocess.SubprocessError):
         return None
+
+
+def binary_problems(bins: Any, settings: cfgmod.Settings, policy: trust.Policy) -> list[str]:
+    """One line per tailscale binary root must not execute (trust.py): as found
+    by Binaries.locate, and as named by the settings or the environment."""
+    named = (settings.tailscale, settings.tailscaled,
+             os.environ.get("TS_SUPERVISOR_TAILSCALE"), os.environ.get("TS_SUPERVISOR_TAILSCALED"))
+    return trust.binary_problems(policy, (bins.tailscale, bins.tailscaled), named)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -140,8 +210,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     except cfgmod.SettingsError as e:
         problems += e.lines
         settings = cfgmod.Settings()
-    configs, errors = cfgmod.load_dir(args.config_dir, tailscale_version=tailscale_version(settings))
+    policy = _trust(settings)
+    configs, errors = cfgmod.load_dir(args.config_dir, tailscale_version=tailscale_version(settings),
+                                      trust=policy)
     problems = [str(e) for e in errors] + problems
+    from supervisor.tailscale import Binaries, BinaryNotFound
+    try:
+        problems += binary_problems(Binaries.locate(settings.tailscale, settings.tailscaled),
+                                    settings, policy)
+    except BinaryNotFound:
+        pass  # run says so; check judges files
+    for line in policy.take_waived():
+        print(f"ts-supervisor: warning: {line}", file=sys.stderr)
     for line in problems:
         print(line)
     names = ", ".join(c.name for c in configs) or "none"
@@ -164,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--data-dir", type=Path, default=default_data_dir(),
                             help=f"state, logs and sockets (default: {default_data_dir()})")
         sp.add_argument("--settings", type=Path, default=None,
-                        help="global settings file (default: ./ts-supervisor.toml if present)")
+                        help=f"global settings file (default: {SYSTEM_SETTINGS} if present; "
+                             "never the working directory)")
 
     run = sub.add_parser("run", help="run every proxy in the config dir and keep them up")
     common(run, config=True, data=True)

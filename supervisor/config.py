@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from supervisor.trust import Policy, parse_acl_paths
+
 EMBEDDED = "embedded"
 WEB_MODES = ("http", "https")
 TCP_MODES = ("tcp", "tls-terminated-tcp")
@@ -637,9 +639,13 @@ def load_proxy_file(path: Path, tailscale_version: tuple[int, ...] | None = None
 
 
 def load_dir(config_dir: Path, incumbents: dict[str, str] | None = None,
-             tailscale_version: tuple[int, ...] | None = None
+             tailscale_version: tuple[int, ...] | None = None, trust: Policy | None = None
              ) -> tuple[list[ProxyConfig], list[ConfigError]]:
     """Load every *.toml in `config_dir`.
+
+    Root trusts only root (trust.py, `trust` default: strict): a config dir
+    others can write is one error for the dir and loads nothing; a proxy file,
+    or a key file it names, that others can write is an error on that file.
 
     Hostnames must be unique: the proxy already running with a hostname
     (`incumbents`: hostname -> proxy name) keeps it; otherwise the file that
@@ -649,11 +655,18 @@ def load_dir(config_dir: Path, incumbents: dict[str, str] | None = None,
         paths = sorted(p for p in config_dir.iterdir() if p.suffix == ".toml" and p.is_file())
     except OSError as e:
         return [], [ConfigError(config_dir, None, f"cannot read config dir: {e.strerror or e}")]
+    trust = trust if trust is not None else Policy()
+    if (why := trust.problem(config_dir)) is not None:
+        return [], [ConfigError(config_dir, None, why)]
     loaded: list[ProxyConfig] = []
     errors: list[ConfigError] = []
     for p in paths:
         try:
             cfg, errs = load_proxy_file(p, tailscale_version)
+            untrusted = [ConfigError(p, None, why) for why in [trust.problem(p)] if why] + \
+                [ConfigError(p, key, why) for key, why in (trust.key_problems(cfg) if cfg else [])]
+            if untrusted:
+                cfg, errs = None, errs + untrusted
         except Exception as e:  # a bug here must cost this file, never the running fleet
             cfg, errs = None, [ConfigError(p, None, f"internal error while checking this file: {e!r}")]
         errors.extend(errs)
@@ -703,6 +716,7 @@ class Settings:
     reconcile_period: float = 30.0      # seconds between observations of a quiet node
     metrics: str = ""                   # "127.0.0.1:9101": serve Prometheus text there (loopback)
     webhooks: tuple[Any, ...] = ()      # [[webhook]] tables: url, format, events
+    trust_acl_paths: tuple[Path, ...] = ()  # ACL file systems: owner/mode not checked below these
     api_base: str = "https://api.tailscale.com"  # the Tailscale v2 API, for proxies with an API credential
 
 
@@ -771,6 +785,9 @@ def load_settings(path: Path | None) -> Settings:
         from supervisor.notify import parse_webhooks
         values["webhooks"], bad = parse_webhooks(raw.pop("webhook"), str(path))
         problems += bad
+    if "trust_acl_paths" in raw:
+        values["trust_acl_paths"], bad = parse_acl_paths(raw.pop("trust_acl_paths"), str(path))
+        problems += bad
     if isinstance(raw.get("metrics"), str):
         host, _, port = raw["metrics"].rpartition(":")
         try:
@@ -785,7 +802,7 @@ def load_settings(path: Path | None) -> Settings:
     for key, value in raw.items():
         kinds = _SETTINGS_TYPES.get(key)
         if kinds is None:
-            known = ", ".join(sorted([*_SETTINGS_TYPES, "webhook"]))
+            known = ", ".join(sorted([*_SETTINGS_TYPES, "webhook", "trust_acl_paths"]))
             problems.append(f"{path}: {show_key(key)}: unknown setting (known: {known})")
         elif not isinstance(value, kinds) or isinstance(value, bool):
             problems.append(f"{path}: {key}: must be {' or '.join(k.__name__ for k in kinds)}, "

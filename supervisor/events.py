@@ -16,7 +16,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+# Key formats redacted wherever they stand as a whole token (not inside a longer
+# word or hex string): Tailscale's tskey-..., and headscale's pre-auth keys,
+# hskey-auth-PREFIX-SECRET (juanfont/headscale 0.26 and later) and 48 hex
+# characters before that. A 64-hex node key, machine key or sha256 is never touched.
+_TOKEN = r"(?<![A-Za-z0-9_-])"
 _KEY_RE = re.compile(r"tskey-[A-Za-z0-9_-]+")
+_HSKEY_RE = re.compile(_TOKEN + r"hskey-[A-Za-z0-9_-]+")
+_HEX48_RE = re.compile(_TOKEN + r"[0-9a-fA-F]{48}(?![A-Za-z0-9_-])")
 _secrets: set[str] = set()
 
 
@@ -26,11 +33,55 @@ def register_secret(secret: str) -> None:
         _secrets.add(secret)
 
 
+def register_configured(*sources: Any) -> None:
+    """Register every secret that settings or proxy configs name, read once:
+    each `*_file` file's text (auth keys, OAuth client secrets, API tokens),
+    each `*_env` variable's value, each webhook's URL. What cannot be read is
+    skipped (the loader reports it). Callers: every process that shows text."""
+    from dataclasses import fields, is_dataclass
+
+    from supervisor.config import KEY_LIMIT, Unreadable, read_text
+    for src in sources:
+        if not is_dataclass(src):
+            continue
+        for f in fields(src):
+            value = getattr(src, f.name)
+            if f.name.endswith("_file") and isinstance(value, Path):
+                try:
+                    register_secret(read_text(value, KEY_LIMIT).strip())
+                except Unreadable:
+                    pass
+            elif f.name.endswith("_env") and isinstance(value, str):
+                register_secret(os.environ.get(value, "").strip())
+        for hook in getattr(src, "webhooks", ()) or ():
+            if isinstance(getattr(hook, "url", None), str):
+                register_secret(hook.url)
+
+
 def redact(text: str) -> str:
-    for s in _secrets:
+    """`text` without any registered secret or key-shaped token."""
+    for s in sorted(_secrets, key=len, reverse=True):  # a secret inside another goes last
         if s in text:
             text = text.replace(s, "[REDACTED]")
-    return _KEY_RE.sub("tskey-[REDACTED]", text)
+    text = _KEY_RE.sub("tskey-[REDACTED]", text)
+    text = _HSKEY_RE.sub("hskey-[REDACTED]", text)
+    return _HEX48_RE.sub("[REDACTED]", text)
+
+
+def redact_json(value: Any) -> Any:
+    """A JSON value with `redact` applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [redact_json(v) for v in value]
+    if isinstance(value, dict):
+        return {redact(k) if isinstance(k, str) else k: redact_json(v) for k, v in value.items()}
+    return value
+
+
+def _private(path: str, flags: int) -> int:
+    """open() opener: files the supervisor writes are its user's alone (0600)."""
+    return os.open(path, flags, 0o600)
 
 
 def iso(wall: float) -> str:
@@ -74,7 +125,7 @@ class EventLog:
         self._f = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(path, "a", buffering=1)
+            self._f = open(path, "a", buffering=1, opener=_private)
 
     def emit(self, event: Event) -> None:
         """Record and announce. A full or read-only disk loses the line on
@@ -95,7 +146,7 @@ class EventLog:
         assert self.path is not None and self._f is not None
         self._f.close()
         os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self._f = open(self.path, "a", buffering=1)
+        self._f = open(self.path, "a", buffering=1, opener=_private)
 
     def close(self) -> None:
         if self._f is not None:
@@ -116,7 +167,7 @@ class RotatingLog:
         self.keep = keep
         self.dropped = 0
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", buffering=1)
+        self._f = open(path, "a", buffering=1, opener=_private)
 
     def write(self, line: str) -> None:
         """Append one line; a full disk drops it (counted), it never raises."""
@@ -134,7 +185,7 @@ class RotatingLog:
                 if older.exists():
                     os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
             os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-            self._f = open(self.path, "a", buffering=1)
+            self._f = open(self.path, "a", buffering=1, opener=_private)
 
     def close(self) -> None:
         try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import paths
+from supervisor.events import redact_json
 
 SOCKET_NAME = "supervisor.sock"
 MAX_REQUEST = 64 << 10   # bytes, newline included
@@ -69,7 +70,7 @@ class IPCServer:
         try:
             answer = await self._answer(reader)
             if answer is not None:
-                writer.write(json.dumps(answer).encode() + b"\n")
+                writer.write(json.dumps(redact_json(answer)).encode() + b"\n")  # no secret leaves
                 await writer.drain()
         except (OSError, RuntimeError):
             pass  # the client went away before its answer

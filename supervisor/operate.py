@@ -21,7 +21,7 @@ import tomli_w
 
 from supervisor import config as cfgmod
 from supervisor import ipc
-from supervisor.events import redact
+from supervisor.events import redact, redact_json
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 NAME_RE = cfgmod._NAME_RE  # the rule for proxy file names: a NAME is conf.d/NAME.toml
@@ -133,33 +133,45 @@ def _print_lines(path: Path, lines: int, follow: bool, show: Callable[[str], str
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    from supervisor.cli import register_secrets
     path = args.data_dir / "proxies" / args.name / "tailscaled.log"
     if not path.parent.is_dir():
         _err(f"no proxy named {args.name!r} in {args.data_dir}")
         return EXIT_ERROR
+    register_secrets(args)
     return _print_lines(path, args.lines, args.follow, redact, f"{path}: no log yet")
 
 
 def _event_line(raw: str) -> str:
     try:
-        e = json.loads(raw)
+        e = redact_json(json.loads(raw))
         when = datetime.fromisoformat(e["time"]).strftime("%Y-%m-%d %H:%M:%S")
         state = f", now {e['state']}" if e.get("state") and e["state"] != e["event"] else ""
         reason = f": {e['reason']}" if e.get("reason") else ""
         return f"{when} {e['proxy']}: {e['event']}{state}{reason}"
     except (ValueError, KeyError, TypeError):
-        return raw
+        return redact(raw)
+
+
+def _json_line(raw: str) -> str:
+    """One events.jsonl line as is, but with every secret redacted."""
+    try:
+        return json.dumps(redact_json(json.loads(raw)))
+    except ValueError:
+        return redact(raw)
 
 
 def cmd_events(args: argparse.Namespace) -> int:
     def show(line: str) -> str | None:
         if args.name and f'"proxy": "{args.name}"' not in line:
             return None
-        return line if args.json else _event_line(line)
+        return _json_line(line) if args.json else _event_line(line)
+    from supervisor.cli import register_secrets
     path = args.data_dir / "events.jsonl"
     if args.name and not (args.data_dir / "proxies" / args.name).is_dir():
         _err(f"no proxy named {args.name!r} in {args.data_dir}")  # as logs says it
         return EXIT_ERROR
+    register_secrets(args)
     return _print_lines(path, args.lines, args.follow, show,
                         f"{path}: no events yet (has the supervisor run with this data dir?)")
 

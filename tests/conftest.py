@@ -83,6 +83,17 @@ def no_leaked_processes():
     assert not leaked, "test left processes running:\n" + "\n".join(leaked)
 
 
+@pytest.fixture(autouse=True)
+def no_shared_secrets():
+    """Secrets registered for redaction are process-wide: one test's (a key
+    file of "xxxx...") must not redact another test's text."""
+    from supervisor import events
+    before = set(events._secrets)
+    yield
+    events._secrets.clear()
+    events._secrets.update(before)
+
+
 @pytest.fixture
 def sup(tmp_path: Path) -> Iterator[SupervisorProc]:
     """A `ts-supervisor run` child on tmp_path/conf.d and tmp_path/data, stopped at teardown."""
