@@ -91,6 +91,15 @@ def key_expiry_cell(value: str | None, now: float) -> Text:
     return Text(f"{int(left // 86400)}d")
 
 
+def key_cell(s: ProxySnapshot, now: float) -> Text:
+    """The key column: the node-key countdown, and under it (dim) the login
+    credential's kind ("reusable key", "oauth client", ...)."""
+    cell = key_expiry_cell(s.key_expiry, now)
+    if s.credential:
+        cell.append(("\n" if cell.plain else "") + s.credential, style="dim")
+    return cell
+
+
 Usage = Mapping[str, tuple[float, int]]  # proxy name -> (CPU %, RSS bytes)
 
 
@@ -252,6 +261,14 @@ def upstream_problem(s: ProxySnapshot) -> Text | None:
     return Text(f"upstream: {redact(s.upstream)}", style=UPSTREAM_STYLE)
 
 
+def credential_problem(s: ProxySnapshot) -> Text | None:
+    """The credential's warning ("auth key expires in 3 days", "one-off key
+    already used") in yellow; None without one. Seen, never acted on."""
+    if not s.credential_warning:
+        return None
+    return Text(redact(s.credential_warning), style=UPSTREAM_STYLE)
+
+
 def _wide_fits(rows: Sequence[tuple], width: int) -> bool:
     """Whether the wide layout's fixed columns, each at its widest cell,
     leave the last error at least ERROR_MIN columns of `width`. Counts what
@@ -288,7 +305,7 @@ def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: floa
                      target_cell(s, TARGET_WIDE).plain, str(s.pid) if s.pid else "-",
                      f"{cpu:.1f}% {human_bytes(rss)}" if cpu is not None and rss and s.pid else "-",
                      human_duration(now - s.running_since) if s.running_since else "-",
-                     f"{s.restarts}/{s.recoveries}", key_expiry_cell(s.key_expiry, now).plain))
+                     f"{s.restarts}/{s.recoveries}", key_cell(s, now).plain))
     wide = width >= WIDE and _wide_fits(rows, width)
     medium = not wide and width >= MEDIUM
     t = Table(title="ts-supervisor", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
@@ -319,22 +336,25 @@ def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: floa
             name.append(f"\n{label}", style="dim")
         target = target_cell(s, TARGET_WIDE if wide else TARGET_NARROW)
         problem = upstream_problem(s)  # under the last error: a reason, never a state
+        warning = credential_problem(s)  # likewise
         state = Text(s.state, style=STATE_STYLE.get(s.state, ""))
         error_style = "red" if s.state == "failed" else "dim"
         # while not running, why not (the reason) says more than the last error
         why = s.reason if s.reason and s.state not in ("running", "stopped") else s.last_error
-        key = key_expiry_cell(s.key_expiry, now)
+        key = key_cell(s, now)
         style = "reverse" if s.name == selected else None
         if wide:
             error = Text(redact(why), style=error_style)
-            if problem:
-                error.append("\n" if why else "").append_text(problem)
+            for extra in (problem, warning):
+                if extra:
+                    error.append("\n" if error.plain else "").append_text(extra)
             t.add_row(name, state, ip4, target, pid, res, up, counts, key, error, style=style)
         else:
             if why:
                 state.append(f"\n{redact(why)}", style=error_style)
-            if problem:
-                state.append("\n").append_text(problem)
+            for extra in (problem, warning):
+                if extra:
+                    state.append("\n").append_text(extra)
             target.stylize("dim")
             cells = [name, state, Text(ip4).append("\n").append_text(target)]
             if medium:

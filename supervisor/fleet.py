@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -20,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import config as cfgmod
-from supervisor import procs
+from supervisor import credentials, procs, tsapi
 from supervisor import tailscale as ts
-from supervisor import trust as trustmod
 from supervisor.config import ConfigError, ProxyConfig, Settings
-from supervisor.events import Event, EventLog, register_configured
+from supervisor.events import Event, EventLog
 from supervisor.ipc import IPCServer
 from supervisor.metrics import MetricsServer
 from supervisor.notify import Notifier
@@ -32,7 +30,6 @@ from supervisor.proxy import Context, Proxy, ProxySnapshot
 from supervisor.states import Signal
 
 CONFIG_POLL = 2.0  # seconds between conf.d change checks (a stat() per file)
-RUN_RECORD = "run.json"  # DATA/run.json: {"pid", "config_dir", "settings"} of the last run
 
 
 class LockedError(Exception):
@@ -80,12 +77,8 @@ class Fleet:
     data_dir: Path
     settings: Settings
     on_event: Callable[[Event], None] | None = None
-    trust: trustmod.Policy | None = None    # what root trusts; default: strict, settings' acl paths
-    settings_path: Path | None = None       # recorded in DATA/run.json for the CLI's redaction
 
     def __post_init__(self) -> None:
-        if self.trust is None:
-            self.trust = trustmod.Policy(acl_paths=self.settings.trust_acl_paths)
         self.proxies: dict[str, Proxy] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.config_errors: list[ConfigError] = []
@@ -97,17 +90,42 @@ class Fleet:
         self._tg: asyncio.TaskGroup | None = None
         self.started = asyncio.Event()
         self.tailscale_version: tuple[int, ...] | None = None
+        self._apis: dict[tuple[str, str, str], tsapi.Client] = {}
 
     # -- shared services -----------------------------------------------------------
 
     def control_url(self, cfg: ProxyConfig) -> str | None:
         return self.control.url if cfg.embedded else cfg.login_server
 
-    async def auth_key(self, cfg: ProxyConfig) -> str:
+    def api(self, cfg: ProxyConfig) -> tsapi.Client | None:
+        """The proxy's Tailscale API client, or None without an API credential.
+        An embedded proxy uses the embedded control's API with its in-process
+        token, exactly as a real tailnet's proxy uses `api_base` with its
+        configured OAuth client or token. One client per (base, credential),
+        so an OAuth access token is fetched once for all the proxies sharing it."""
+        if cfg.embedded:
+            if self.control is None:
+                return None
+            base, cred = self.control.url, self.control.api_credential()
+        elif cfg.api_kind is not None and cfg.api_secret:
+            base, cred = self.settings.api_base, tsapi.Credential(cfg.api_kind, cfg.api_secret)
+        else:
+            return None
+        client = self._apis.get((base, cred.kind, cred.secret))
+        if client is None:
+            client = self._apis[base, cred.kind, cred.secret] = tsapi.Client(base, cred)
+        return client
+
+    async def login_key(self, cfg: ProxyConfig, expiry_seconds: int) -> credentials.LoginKey:
+        """The key for one login of `cfg`: its plain auth key, or one minted
+        through its API client (credentials.obtain). Raises KeyUnavailable."""
         if cfg.embedded:  # a login here means fresh state: the old node, if any, is stale
             self.control.forget_offline(cfg.hostname)
-            return await self.control.mint_key(ephemeral=cfg.ephemeral, tags=cfg.tags)
-        return await asyncio.to_thread(cfg.read_auth_key)
+        try:
+            api = self.api(cfg)
+        except ValueError as e:  # tsapi refuses the base or the secret
+            raise credentials.KeyUnavailable(f"cannot use the API credential: {e}") from None
+        return await credentials.obtain(cfg, api, expiry_seconds=expiry_seconds)
 
     async def _ensure_control(self, configs: list[ProxyConfig]) -> None:
         if self.control is not None or not any(c.embedded for c in configs):
@@ -195,22 +213,14 @@ class Fleet:
                 procs.kill_orphans, self.data_dir.glob("proxies/*/pids/*.pid"))
             for desc in killed:
                 self._note("-", "orphan_stopped", f"stopped {desc} left by an earlier supervisor")
-            self._sweep_and_record()
-            register_configured(self.settings)
             bins = ts.Binaries.locate(self.settings.tailscale, self.settings.tailscaled)
-            named = (self.settings.tailscale, self.settings.tailscaled,
-                     os.environ.get("TS_SUPERVISOR_TAILSCALE"), os.environ.get("TS_SUPERVISOR_TAILSCALED"))
-            bad = trustmod.binary_problems(self.trust, (bins.tailscale, bins.tailscaled), named)
-            if bad:  # root executes them: they must be root's alone
-                raise trustmod.Untrusted(bad[0])
-            self._note_waived()
             try:
                 self.tailscale_version = cfgmod.parse_version(await asyncio.to_thread(bins.version))
             except (OSError, subprocess.SubprocessError) as e:
                 self._note("-", "transient", f"cannot ask {bins.tailscale} its version: {e}")
             self.ctx = Context(settings=self.settings, bins=bins, data_dir=self.data_dir,
                                events=self.events, control_url=self.control_url,
-                               auth_key=self.auth_key, death_pipe=pipe)
+                               login_key=self.login_key, api=self.api, death_pipe=pipe)
             await ipc.start()
             extras = await self._start_extras()
             async with asyncio.TaskGroup() as tg:
@@ -243,25 +253,6 @@ class Fleet:
             pipe.close()
             os.close(lock_fd)
 
-    def _sweep_and_record(self) -> None:
-        """Remove auth key copies older versions left in proxy dirs (a kill -9
-        during `tailscale up`), and record where the config lives, so that
-        `logs`, `events` and `status` can read the secrets they must redact."""
-        for stale in self.data_dir.glob("proxies/*/authkey"):
-            stale.unlink(missing_ok=True)
-            self._note(stale.parent.name, "key_swept", f"removed a leftover auth key copy {stale}")
-        record = {"pid": os.getpid(), "config_dir": str(self.config_dir.absolute()),
-                  "settings": str(self.settings_path.absolute()) if self.settings_path else None}
-        tmp = self.data_dir / f".{RUN_RECORD}.tmp"
-        tmp.write_text(json.dumps(record))
-        tmp.replace(self.data_dir / RUN_RECORD)
-
-    def _note_waived(self) -> None:
-        """One line per path accepted only by trust_acl_paths, each once."""
-        assert self.trust is not None
-        for line in self.trust.take_waived():
-            self._note("-", "trust_waived", line)
-
     async def _start_extras(self) -> list[Callable[[], Any]]:
         """Webhooks and metrics, if configured; returns what stops them."""
         stops: list[Callable[[], Any]] = []
@@ -290,9 +281,7 @@ class Fleet:
         are not touched. A running proxy keeps its hostname against newcomers."""
         incumbents = {p.cfg.hostname: n for n, p in self.proxies.items()}
         configs, errors = await asyncio.to_thread(cfgmod.load_dir, self.config_dir, incumbents,
-                                                  self.tailscale_version, self.trust)
-        await asyncio.to_thread(register_configured, *configs)  # before anything can show them
-        self._note_waived()
+                                                  self.tailscale_version)
         new_errors = [e for e in errors if e not in self.config_errors]
         self.config_errors = errors
         for e in new_errors:

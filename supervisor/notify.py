@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 from supervisor.events import Event, iso, redact, register_secret
 
 FORMATS = ("json", "ntfy", "discord")
-DEFAULT_EVENTS = ("recovering", "failed", "running")
+NOTE_KINDS = ("key_expiring", "identity")  # notes (not transitions) worth a webhook: each once per cause
+DEFAULT_EVENTS = ("recovering", "failed", "running", *NOTE_KINDS)
 ATTEMPTS = 5
 QUEUE_LIMIT = 1000
 T = TypeVar("T")
@@ -35,13 +36,14 @@ T = TypeVar("T")
 class Webhook:
     url: str
     format: str = "json"
-    events: tuple[str, ...] = DEFAULT_EVENTS  # states that fire: recovering, failed, running
+    events: tuple[str, ...] = DEFAULT_EVENTS  # states that fire (recovering, failed, running) and NOTE_KINDS
 
 
 def worth_telling(ev: Event, last_state: dict[str, str]) -> bool:
-    """A transition into recovering or failed, or back to running from anything else."""
+    """A transition into recovering or failed, back to running from anything
+    else, or a note of NOTE_KINDS (its emitter sends each once)."""
     if ev.state is None:
-        return False
+        return ev.kind in NOTE_KINDS
     before = last_state.get(ev.proxy)
     last_state[ev.proxy] = ev.state
     if ev.state == "running":
@@ -52,7 +54,7 @@ def worth_telling(ev: Event, last_state: dict[str, str]) -> bool:
 def payload(hook: Webhook, ev: Event) -> tuple[bytes, dict[str, str]]:
     """The request body and headers for one event in the webhook's format.
     Every text taken from the event is redacted."""
-    proxy, state, reason = redact(ev.proxy), redact(ev.state or ""), redact(ev.reason)
+    proxy, state, reason = redact(ev.proxy), redact(ev.state or ev.kind), redact(ev.reason)
     text = f"{proxy}: {state}" + (f": {reason}" if reason else "")
     if hook.format == "ntfy":
         prio = {"failed": "urgent", "recovering": "high"}.get(ev.state or "", "default")
@@ -142,7 +144,7 @@ class Notifier:
         if not worth_telling(ev, self._last):
             return
         for n, (hook, q) in enumerate(zip(self.hooks, self._queues), 1):
-            if ev.state in hook.events:
+            if (ev.state or ev.kind) in hook.events:
                 try:
                     q.put_nowait(ev)
                 except asyncio.QueueFull:

@@ -26,30 +26,42 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from supervisor import paths, policy, procs, statefile, upstream
+from supervisor import credentials, paths, policy, procs, statefile, upstream
 from supervisor import reconcile as rc
 from supervisor import tailscale as ts
 from supervisor.config import ProxyConfig, Settings
-from supervisor.events import Event, EventLog, RotatingLog, redact, register_secret
+from supervisor.events import Event, EventLog, RotatingLog, redact
 from supervisor.policy import Budget, Verdict
 from supervisor.states import Action, Decision, Facts, Signal, State, decide
+
+
+def _no_api(cfg: ProxyConfig) -> Any:
+    return None
 
 
 @dataclass
 class Context:
     """What every proxy shares: settings, binaries, the event log, and where
-    keys and control URLs come from (the embedded control, or the config)."""
+    keys and control URLs come from (the embedded control, or the config).
+
+    `login_key(cfg, expiry_seconds)` gives the key for one `tailscale up`
+    (credentials.LoginKey: the configured key, or one minted for this login
+    that lives `expiry_seconds`), raising
+    credentials.KeyUnavailable; `api(cfg)` the proxy's tsapi.Client, or None
+    without an API credential (the same cached client each time)."""
 
     settings: Settings
     bins: ts.Binaries
     data_dir: Path
     events: EventLog
     control_url: Callable[[ProxyConfig], str | None]
-    auth_key: Callable[[ProxyConfig], Awaitable[str]]
+    login_key: Callable[[ProxyConfig, int], Awaitable[credentials.LoginKey]]
     death_pipe: procs.ParentDeathPipe | None = None
+    api: Callable[[ProxyConfig], Any] = _no_api
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,9 @@ class ProxySnapshot:
     node_id: str = ""         # the node's stable ID (Self.ID) once known
     upstream: str | None = None  # last probe of the target: "ok", "refused", "timeout", "TLS: ..."; None: not probed yet
     services: tuple[tuple[int, str, str, str, bool], ...] = ()  # configured (port, mode, path, target, funnel)
+    credential: str = ""      # the login credential's kind (credentials.Readiness.kind)
+    credential_expires: float | None = None  # wall clock: the plain auth key's expiry, where the API tells
+    credential_warning: str = ""  # e.g. "auth key expires in 3 days", "one-off key already used"
 
     @classmethod
     def from_json(cls, p: dict) -> "ProxySnapshot":
@@ -89,7 +104,10 @@ class ProxySnapshot:
                    running_since=(datetime.fromisoformat(p["running_since"]).timestamp()
                                   if p.get("running_since") else None),
                    services=tuple((x["port"], x["mode"], x["path"], x["target"], x["funnel"])
-                                  for x in p.get("services", ())))
+                                  for x in p.get("services", ())),
+                   credential=p.get("credential", ""), credential_warning=p.get("credential_warning", ""),
+                   credential_expires=(datetime.fromisoformat(p["credential_expires"]).timestamp()
+                                       if p.get("credential_expires") else None))
 
     def to_json(self) -> dict:
         """One proxy in `status --json` (schema: README, "status --json")."""
@@ -102,7 +120,10 @@ class ProxySnapshot:
                 "services": [{"port": p, "mode": m, "path": path, "target": t, "funnel": f}
                              for p, m, path, t, f in self.services],
                 "running_since": iso(self.running_since) if self.running_since else None,
-                "pid": self.pid, "restarts": self.restarts, "recoveries": self.recoveries}
+                "pid": self.pid, "restarts": self.restarts, "recoveries": self.recoveries,
+                "credential": self.credential,
+                "credential_expires": iso(self.credential_expires) if self.credential_expires else None,
+                "credential_warning": redact(self.credential_warning)}
 
 
 _REJECTIONS = (Signal.AUTH_FAILURE, Signal.KEY_EXPIRED, Signal.CORRUPT_STATE)
@@ -126,6 +147,7 @@ class Launch:
     login_attempts: int = 0
     login_error: str = ""
     transient: str = ""  # tailscaled's last transient complaint this launch (e.g. the control not answering)
+    key_error: str = ""  # the last login attempt found no key (credentials.KeyUnavailable), "" otherwise
     serve_retry_at: float = 0.0
     serve_attempts: int = 0
     serve_error: str = ""
@@ -181,6 +203,11 @@ class Proxy:
         self._exit_when_stopped = False
         self._log: RotatingLog | None = None
         self._reauth_at = 0.0  # monotonic: when the last in-place re-login started
+        self.readiness = credentials.Readiness(credentials.configured_kind(cfg))
+        self._recheck = asyncio.Event()  # check the credential again now (a reload changed it)
+        self._background: set[asyncio.Future] = set()  # minted-key cleanups, key bookkeeping
+        self._watcher: asyncio.Task | None = None  # the credential check (_watch_credential)
+        self._memory = credentials.KeyMemory(self.dir / credentials.MEMORY_NAME)
 
     # -- public ---------------------------------------------------------------
 
@@ -208,9 +235,14 @@ class Proxy:
             hostname=c.hostname, tags=tuple(c.tags), services=frozenset(wanted))
 
     def update_services(self, cfg: ProxyConfig) -> None:
-        """A changed [[serve]] set (nothing else changed): applied in place by
-        the next reconcile, without restarting tailscaled."""
+        """A changed [[serve]] set or a rotated API secret (nothing that shapes the
+        node changed): applied in place by the next reconcile, without restarting
+        tailscaled."""
+        services_changed = cfg.services != self.cfg.services
         self.cfg = cfg
+        self._recheck.set()
+        if not services_changed:
+            return
         self._note("config_changed", "serve config changed; applying it in place")
         L = self._launch
         if L is not None:
@@ -237,7 +269,9 @@ class Proxy:
             child_pids=pids, key_expiry=node.key_expiry if node else None,
             running_since=running_wall, reason=self.reason,
             node_id=node.node_id if node else "", upstream=self.upstream,
-            services=tuple((x.port, x.mode, x.path, x.target, x.funnel) for x in self.cfg.services))
+            services=tuple((x.port, x.mode, x.path, x.target, x.funnel) for x in self.cfg.services),
+            credential=self.readiness.kind, credential_expires=self.readiness.expires,
+            credential_warning=self.readiness.warning)
 
     async def run(self) -> None:
         """The proxy's main loop. Returns only after shutdown() has stopped everything."""
@@ -245,6 +279,9 @@ class Proxy:
             self._log = RotatingLog(self.dir / "tailscaled.log")
         except OSError as e:  # a full or read-only data dir: run without the log file
             self._note("transient", f"cannot open {self.dir / 'tailscaled.log'}: {e.strerror or e}")
+        with contextlib.suppress(OSError):  # an older version's key file: keys never touch disk now
+            (self.dir / "authkey").unlink(missing_ok=True)
+        self._watcher = asyncio.create_task(self._watch_credential(), name=f"{self.cfg.name}-credential")
         try:
             if self.budget.failed_reason:
                 # failed on auth in an earlier run: stay failed, no new registration attempt
@@ -271,6 +308,7 @@ class Proxy:
                     return
         finally:
             await self._stop_children()
+            await self._stop_background()
             if self._log:
                 self._log.close()
 
@@ -304,6 +342,9 @@ class Proxy:
                 and now >= self._deadline):
             self._deadline = None
             t = self.ctx.settings.start_timeout
+            if self._launch is not None and self._launch.key_error:  # retried till now: an operator must act
+                return (None, Signal.NO_LOGIN_KEY, f"no key to log in with after {t:g}s: "
+                                                   f"{self._launch.key_error}", now)
             return (None, Signal.DEADLINE, f"not serving after {t:g}s: {self.reason or 'no answer'}", now)
         if (self.state is State.RUNNING and self._running_since is not None and not self.budget.armed
                 and now >= self._running_since + self.ctx.settings.healthy_period):
@@ -485,7 +526,6 @@ class Proxy:
         for child in (*list(L.cli), L.up, L.tailscaled):
             if child is not None:
                 await procs.stop(child, grace)
-        (self.dir / "authkey").unlink(missing_ok=True)
 
     async def _spawn_tailscaled(self, L: Launch) -> None:
         assert L.tg is not None
@@ -718,42 +758,41 @@ class Proxy:
         L.tg.create_task(self._login(L, with_key))
 
     async def _login(self, L: Launch, with_key: bool = True) -> None:
-        """`tailscale up`, with the key in a 0600 file (never argv) that is
-        removed when up exits. Only ever run on a statedir that needs login,
-        never on a working node (facts §4e). A failure that is not a
-        rejection is retried with backoff within this launch."""
+        """`tailscale up`, the key handed over a pipe (`--auth-key=file:/dev/fd/N`),
+        so it is never in argv and never on disk. The key is the configured one,
+        or one minted for this login (credentials.obtain), deleted once up has
+        finished, whatever the outcome. Only ever run on a statedir that needs
+        login, never on a working node (facts §4e): a healthy node never mints.
+        A failure that is not a rejection is retried with backoff within this
+        launch; when no key can be had, the start deadline ends in `failed`."""
         if L.up and L.up.alive:
             return
-        key_file = None
+        key = None
+        if with_key:
+            expiry = credentials.mint_expiry(self.ctx.settings.start_timeout)
+            try:
+                key = await self.ctx.login_key(self.cfg, expiry)
+            except Exception as e:  # credentials.KeyUnavailable; anything else is a bug, same outcome
+                L.key_error = redact(policy.whole(str(e) if isinstance(e, credentials.KeyUnavailable)
+                                                  else f"cannot get an auth key: {e!r}"))
+                self._login_failed(L, L.key_error)
+                return
+            L.key_error = ""
+            if key.minted:
+                self._note("auth_key", credentials.describe_minted(self.cfg, key, expiry))
         try:
-            if with_key:
-                try:
-                    key = await self.ctx.auth_key(self.cfg)
-                except Exception as e:
-                    self._login_failed(L, redact(f"cannot get an auth key: {e}"))
-                    return
-                register_secret(key)
-                key_file = self.dir / "authkey"
-                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(key)
-            argv = ts.up_command(self.ctx.bins, self.socket,
-                                 login_server=self.ctx.control_url(self.cfg), hostname=self.cfg.hostname,
-                                 auth_key_file=key_file, tags=self.cfg.tags,
-                                 timeout=self.ctx.settings.start_timeout)
-            L.up = await procs.spawn("up", argv, ts.cli_env())
-            assert L.up.proc.stdout is not None
-            out = (await L.up.proc.stdout.read()).decode(errors="replace")
-            code = await L.up.proc.wait()
+            code, out = await self._up(L, key)
         finally:
-            if key_file:
-                key_file.unlink(missing_ok=True)
+            if key is not None and key.minted:
+                self._keep(self._discard(key))
         if L.stopping:
             return
         if code == 0:
             L.login_error, L.login_attempts, L.login_retry_at = "", 0, 0.0
             L.logged_in = with_key
             L.dirty.set()
+            if key is not None and not key.minted and key.key_id:
+                self._mark_used(key.key_id)
             return
         last = next((l for l in reversed(out.splitlines()) if l.strip()), f"exit status {code}")
         text = last.removeprefix("backend error: ")
@@ -762,6 +801,83 @@ class Proxy:
             self.post(L, Verdict(Signal.AUTH_FAILURE, redact(f"tailscale up: {policy.whole(text)}")))
         else:
             self._login_failed(L, redact(f"tailscale up: {policy.whole(text)}"))
+
+    async def _up(self, L: Launch, key: credentials.LoginKey | None) -> tuple[int, str]:
+        """Run `tailscale up` with `key` written into a pipe whose read end only
+        the child inherits; (exit status, output)."""
+        read_fd = None
+        try:
+            if key is not None:
+                read_fd, write_fd = os.pipe()  # both close-on-exec; pass_fds opens one for the child
+                try:
+                    os.write(write_fd, key.secret.encode() + b"\n")  # < PIPE_BUF: never blocks
+                finally:
+                    os.close(write_fd)  # the child reads to EOF
+            argv = ts.up_command(self.ctx.bins, self.socket,
+                                 login_server=self.ctx.control_url(self.cfg), hostname=self.cfg.hostname,
+                                 auth_key_fd=read_fd, tags=self.cfg.tags,
+                                 timeout=self.ctx.settings.start_timeout)
+            L.up = await procs.spawn("up", argv, ts.cli_env(),
+                                     pass_fds=(read_fd,) if read_fd is not None else ())
+        finally:
+            if read_fd is not None:
+                os.close(read_fd)
+        assert L.up.proc.stdout is not None
+        out = (await L.up.proc.stdout.read()).decode(errors="replace")
+        return await L.up.proc.wait(), out
+
+    async def _discard(self, key: credentials.LoginKey) -> None:
+        """Delete a minted key after its login; a failed delete is one event line."""
+        why = await credentials.discard(key)
+        if why:
+            self._note("auth_key", why)
+
+    def _mark_used(self, key_id: str) -> None:
+        """A plain key logged this proxy in: remembered, so a one-off key shows as used."""
+        self._keep(asyncio.to_thread(self._memory.add, "used", key_id))
+        r = self.readiness
+        if r.kind == credentials.ONE_OFF and r.key_id == key_id:
+            self.readiness = replace(r, warning="one-off key already used", expiring=False)
+
+    def _keep(self, coro: Awaitable[Any]) -> None:
+        """Run `coro` beside the loop; awaited (briefly) when the proxy ends."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _stop_background(self) -> None:
+        """Cancel the credential watch; give minted-key cleanups a few seconds."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        tasks = list(self._background)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=5)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch_credential(self) -> None:
+        """Readiness: checked at start, every CHECK_PERIOD (RETRY_PERIOD after an
+        API that did not answer) and when a reload changed the config; never per
+        render. An expiring key is noted once per key (remembered across
+        restarts in credential.json). A warning never changes the state."""
+        while True:
+            self._recheck.clear()
+            try:
+                r, answered = await credentials.check(self.cfg, self.ctx.api(self.cfg),
+                                                      set(self._memory.used))
+            except Exception as e:  # a bug here costs the readiness line, never the proxy
+                r = credentials.Readiness(credentials.configured_kind(self.cfg),
+                                          warning=redact(f"credential check failed: {e!r}"))
+                answered = False
+            self.readiness = r
+            if r.expiring and r.key_id and await asyncio.to_thread(self._memory.add, "warned", r.key_id):
+                self._note("key_expiring", f"{r.warning} (key {r.key_id}); replace it before a login "
+                                           "needs it, or use an OAuth client")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(credentials.CHECK_PERIOD if answered else credentials.RETRY_PERIOD):
+                    await self._recheck.wait()
 
     def _login_failed(self, L: Launch, why: str) -> None:
         L.login_attempts += 1

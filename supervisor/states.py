@@ -40,6 +40,7 @@ class Signal(Enum):
     REREGISTER = "reregister"        # the state belongs to another control: a planned fresh start
     CRASH = "crash"                  # tailscaled exited, hung, or never answered
     DEADLINE = "deadline"            # starting/recovering took longer than start_timeout
+    NO_LOGIN_KEY = "no_login_key"    # the deadline passed and no key could be had to log in with
     OS_ERROR = "os_error"            # our own bookkeeping failed (ENOSPC, EACCES): not a crash
     BACKOFF_OVER = "backoff_over"
     HEALTHY = "healthy"              # running for the healthy period
@@ -119,6 +120,11 @@ def decide(state: State, facts: Facts) -> Decision:
         if s is Signal.KEY_EXPIRED:
             return Decision(Action.REAUTH, State.RECOVERING, "reauthenticating")
         return Decision(Action.RECOVER, State.RECOVERING, "recovering")
+
+    if s is Signal.NO_LOGIN_KEY:  # (a revoked OAuth client, the API down): an operator must act
+        if state not in (State.STARTING, State.RECOVERING):
+            return stay
+        return Decision(Action.STOP, State.FAILED, "failed")
 
     if s is Signal.OS_ERROR:
         return Decision(Action.RETRY_LATER, State.BACKOFF, "bookkeeping_error")

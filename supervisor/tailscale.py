@@ -173,17 +173,21 @@ def cli_env() -> dict[str, str]:
 
 
 def up_command(bins: Binaries, socket: Path, *, login_server: str | None, hostname: str,
-               auth_key_file: Path | None, tags: tuple[str, ...] = (),
+               auth_key_fd: int | None, tags: tuple[str, ...] = (),
                timeout: float = 60.0) -> list[str]:
-    """`tailscale up` for a statedir that needs login. The key travels as
-    file:PATH so it never appears in argv. --reset because this only ever runs
-    on a fresh or logged-out statedir, where every flag is ours to set."""
+    """`tailscale up` for a statedir that needs login. The key travels through
+    a pipe the child inherits as fd `auth_key_fd` (pass it in pass_fds): the
+    CLI reads `--auth-key=file:/dev/fd/N` once, to EOF, in 1.78.1 and 1.96.4
+    alike (tailscale/tailscale cmd/tailscale/cli/up.go: getAuthKey /
+    resolveValueFromFile, os.ReadFile), so the key is never in argv and never
+    on disk. --reset because this only ever runs on a fresh or logged-out
+    statedir, where every flag is ours to set."""
     argv = [str(bins.tailscale), f"--socket={socket}", "up", "--reset",
             f"--hostname={hostname}", "--accept-dns=false", f"--timeout={int(timeout)}s"]
     if login_server:
         argv.append(f"--login-server={login_server}")
-    if auth_key_file is not None:
-        argv.append(f"--auth-key=file:{auth_key_file}")
+    if auth_key_fd is not None:
+        argv.append(f"--auth-key=file:/dev/fd/{auth_key_fd}")
     if tags:
         argv.append(f"--advertise-tags={','.join(tags)}")
     return argv

@@ -13,7 +13,6 @@ import re
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -167,17 +166,21 @@ class Node:
 
     def up(self, auth_key: str | None, hostname: str, timeout: float = 20,
            check: bool = True, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-        """`tailscale up` with the key passed as file: (never in argv)."""
-        with tempfile.NamedTemporaryFile("w", dir=self.statedir, delete=False) as f:
-            f.write(auth_key or "")
-        key_path = Path(f.name) if auth_key else None
+        """`tailscale up` with the key through a pipe, as the supervisor does
+        (`--auth-key=file:/dev/fd/N`: never in argv, never on disk)."""
+        read_fd = None
+        if auth_key:
+            read_fd, write_fd = os.pipe()
+            os.write(write_fd, auth_key.encode() + b"\n")
+            os.close(write_fd)
         try:
             argv = ts.up_command(self.bins, self.socket, login_server=self.control_url,
-                                 hostname=hostname, auth_key_file=key_path, timeout=timeout)
-            out = subprocess.run([*argv, *extra], capture_output=True, text=True,
-                                 timeout=timeout + 10, env=ts.cli_env())
+                                 hostname=hostname, auth_key_fd=read_fd, timeout=timeout)
+            out = subprocess.run([*argv, *extra], capture_output=True, text=True, timeout=timeout + 10,
+                                 env=ts.cli_env(), pass_fds=(read_fd,) if read_fd is not None else ())
         finally:
-            os.unlink(f.name)
+            if read_fd is not None:
+                os.close(read_fd)
         if check and out.returncode != 0:
             raise AssertionError(f"tailscale up failed ({out.returncode}): {out.stderr}")
         return out

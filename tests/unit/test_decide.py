@@ -50,6 +50,11 @@ TABLE = [
     (S.STARTING,   G.DEADLINE,        True,  5,   A.STOP,             S.FAILED,     "start_limit"),
     (S.RUNNING,    G.DEADLINE,        True,  0,   A.NOTHING,          S.RUNNING,    ""),
     (S.DEGRADED,   G.DEADLINE,        True,  0,   A.NOTHING,          S.DEGRADED,   ""),
+    # no key to log in with by the deadline (minting refused, API down): failed, never a loop
+    (S.STARTING,   G.NO_LOGIN_KEY,    True,  0,   A.STOP,             S.FAILED,     "failed"),
+    (S.RECOVERING, G.NO_LOGIN_KEY,    False, 0,   A.STOP,             S.FAILED,     "failed"),
+    (S.RUNNING,    G.NO_LOGIN_KEY,    True,  0,   A.NOTHING,          S.RUNNING,    ""),
+    (S.FAILED,     G.NO_LOGIN_KEY,    False, 0,   A.NOTHING,          S.FAILED,     ""),
     # our own bookkeeping failing (full disk) backs off without counting
     (S.STARTING,   G.OS_ERROR,        True,  5,   A.RETRY_LATER,      S.BACKOFF,    "bookkeeping_error"),
     (S.RUNNING,    G.OS_ERROR,        True,  0,   A.RETRY_LATER,      S.BACKOFF,    "bookkeeping_error"),
