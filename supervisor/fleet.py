@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -21,8 +22,9 @@ from typing import Any
 from supervisor import config as cfgmod
 from supervisor import credentials, procs, tsapi
 from supervisor import tailscale as ts
+from supervisor import trust as trustmod
 from supervisor.config import ConfigError, ProxyConfig, Settings
-from supervisor.events import Event, EventLog
+from supervisor.events import Event, EventLog, register_configured
 from supervisor.ipc import IPCServer
 from supervisor.metrics import MetricsServer
 from supervisor.notify import Notifier
@@ -30,6 +32,7 @@ from supervisor.proxy import Context, Proxy, ProxySnapshot
 from supervisor.states import Signal
 
 CONFIG_POLL = 2.0  # seconds between conf.d change checks (a stat() per file)
+RUN_RECORD = "run.json"  # DATA/run.json: {"pid", "config_dir", "settings"} of the last run
 
 
 class LockedError(Exception):
@@ -77,8 +80,12 @@ class Fleet:
     data_dir: Path
     settings: Settings
     on_event: Callable[[Event], None] | None = None
+    trust: trustmod.Policy | None = None    # what root trusts; default: strict, settings' acl paths
+    settings_path: Path | None = None       # recorded in DATA/run.json for the CLI's redaction
 
     def __post_init__(self) -> None:
+        if self.trust is None:
+            self.trust = trustmod.Policy(acl_paths=self.settings.trust_acl_paths)
         self.proxies: dict[str, Proxy] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.config_errors: list[ConfigError] = []
@@ -213,7 +220,15 @@ class Fleet:
                 procs.kill_orphans, self.data_dir.glob("proxies/*/pids/*.pid"))
             for desc in killed:
                 self._note("-", "orphan_stopped", f"stopped {desc} left by an earlier supervisor")
+            self._sweep_and_record()
+            register_configured(self.settings)
             bins = ts.Binaries.locate(self.settings.tailscale, self.settings.tailscaled)
+            named = (self.settings.tailscale, self.settings.tailscaled,
+                     os.environ.get("TS_SUPERVISOR_TAILSCALE"), os.environ.get("TS_SUPERVISOR_TAILSCALED"))
+            bad = trustmod.binary_problems(self.trust, (bins.tailscale, bins.tailscaled), named)
+            if bad:  # root executes them: they must be root's alone
+                raise trustmod.Untrusted(bad[0])
+            self._note_waived()
             try:
                 self.tailscale_version = cfgmod.parse_version(await asyncio.to_thread(bins.version))
             except (OSError, subprocess.SubprocessError) as e:
@@ -253,6 +268,25 @@ class Fleet:
             pipe.close()
             os.close(lock_fd)
 
+    def _sweep_and_record(self) -> None:
+        """Remove auth key copies older versions left in proxy dirs (a kill -9
+        during `tailscale up`), and record where the config lives, so that
+        `logs`, `events` and `status` can read the secrets they must redact."""
+        for stale in self.data_dir.glob("proxies/*/authkey"):
+            stale.unlink(missing_ok=True)
+            self._note(stale.parent.name, "key_swept", f"removed a leftover auth key copy {stale}")
+        record = {"pid": os.getpid(), "config_dir": str(self.config_dir.absolute()),
+                  "settings": str(self.settings_path.absolute()) if self.settings_path else None}
+        tmp = self.data_dir / f".{RUN_RECORD}.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.data_dir / RUN_RECORD)
+
+    def _note_waived(self) -> None:
+        """One line per path accepted only by trust_acl_paths, each once."""
+        assert self.trust is not None
+        for line in self.trust.take_waived():
+            self._note("-", "trust_waived", line)
+
     async def _start_extras(self) -> list[Callable[[], Any]]:
         """Webhooks and metrics, if configured; returns what stops them."""
         stops: list[Callable[[], Any]] = []
@@ -281,7 +315,9 @@ class Fleet:
         are not touched. A running proxy keeps its hostname against newcomers."""
         incumbents = {p.cfg.hostname: n for n, p in self.proxies.items()}
         configs, errors = await asyncio.to_thread(cfgmod.load_dir, self.config_dir, incumbents,
-                                                  self.tailscale_version)
+                                                  self.tailscale_version, self.trust)
+        await asyncio.to_thread(register_configured, *configs)  # before anything can show them
+        self._note_waived()
         new_errors = [e for e in errors if e not in self.config_errors]
         self.config_errors = errors
         for e in new_errors:
