@@ -249,3 +249,16 @@ def test_a_retry_after_a_500_delivers_without_a_note():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     asyncio.run(go())
+
+
+def test_an_expiring_key_note_is_news_and_other_notes_are_not():
+    last: dict[str, str] = {}
+    note = Event("jellyfin", "key_expiring", None, "auth key expires in 3 days (key kA1CNTRL)")
+    assert worth_telling(note, last) and not worth_telling(Event("jellyfin", "transient", None, "x"), last)
+    body, _ = payload(Webhook("http://x", "json"), note)
+    assert json.loads(body) | {"time": None} == {"proxy": "jellyfin", "event": "key_expiring", "state": None,
+                                                 "reason": "auth key expires in 3 days (key kA1CNTRL)",
+                                                 "time": None}
+    body, headers = payload(Webhook("http://x", "ntfy"), note)
+    assert body.decode().startswith("jellyfin: key_expiring: auth key expires") and headers["Tags"] == "warning"
+    assert "key_expiring" in Webhook("http://x").events  # on by default; a hook that lists states only skips it
