@@ -48,15 +48,21 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
 
 class ApiServer:
     """The /api/v2/ handler of one ControlServer. `online(node_id)` says whether a node
-    holds a map stream (the API's `connectedToControl`). `fault_status`: while set, every
-    /api/v2 request answers it with a JSON body (the protocol is untouched)."""
+    holds a map stream (the API's `connectedToControl`). `trust(writer)` is called once a
+    request's head carries a credential that checks out (an access or API token, or an
+    OAuth client secret as the Basic password of the token request), before its body is
+    read: the server then never sheds that connection for a local user's flood (limits.py).
+    `fault_status`: while set, every /api/v2 request answers it with a JSON body (the
+    protocol is untouched)."""
 
     ADMIN_OPS = frozenset({"create_oauth_client", "revoke_oauth_client", "create_api_token",
                            "set_tag_owners"})
 
-    def __init__(self, tailnet: Tailnet, online: Callable[[int], bool]) -> None:
+    def __init__(self, tailnet: Tailnet, online: Callable[[int], bool],
+                 trust: Callable[[asyncio.StreamWriter], None] = lambda writer: None) -> None:
         self.tailnet = tailnet
         self.online = online
+        self.trust = trust
         self.fault_status: int | None = None
         self._credential = Credential("token", tailnet.issue_admin_token())
 
@@ -95,7 +101,7 @@ class ApiServer:
         """Answer one request whose path starts with /api/v2/. A bug is logged and answered
         500; a client that stops sending its body raises what the reader raises."""
         try:
-            status, body = await self._answer(reader, method, target, headers)
+            status, body = await self._answer(reader, method, target, headers, lambda: self.trust(writer))
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
             raise
         except Exception:
@@ -107,7 +113,7 @@ class ApiServer:
                      f"Connection: close\r\n\r\n".encode() + data)
 
     async def _answer(self, reader: asyncio.StreamReader, method: str, target: str,
-                      headers: dict[str, str]) -> tuple[int, Any]:
+                      headers: dict[str, str], vouched: Callable[[], None]) -> tuple[int, Any]:
         if self.fault_status is not None:
             return _error(self.fault_status, f"API fault injected (HTTP {self.fault_status})")
         if "chunked" in headers.get("transfer-encoding", "").lower():
@@ -117,14 +123,28 @@ class ApiServer:
             return _error(400, "bad Content-Length")
         if int(length) > MAX_API_BODY:
             return _error(413, "request body too large")
-        raw = await asyncio.wait_for(reader.readexactly(int(length)), BODY_TIMEOUT)
         parts = [unquote(p) for p in urlsplit(target).path.split("/")[3:]]  # after "", "api", "v2"
+        if self._credential_checks_out(parts, headers):
+            vouched()
+        raw = await asyncio.wait_for(reader.readexactly(int(length)), BODY_TIMEOUT)
         try:
             if parts == ["oauth", "token"]:
                 return self._token(method, headers, raw)
             return self._route(method, parts, headers, raw)
         except Refused as e:
             return _error(e.status, e.message)
+
+    def _credential_checks_out(self, parts: list[str], headers: dict[str, str]) -> bool:
+        """Does the request head carry a live credential (what `_actor` or `_token` would
+        accept)? No event, no grant minted."""
+        if parts == ["oauth", "token"]:
+            secret = _basic(headers)[1]
+            return bool(secret) and self.tailnet.oauth_client(secret) is not None
+        try:
+            self._actor(headers)
+        except Refused:
+            return False
+        return True
 
     def _token(self, method: str, headers: dict[str, str], raw: bytes) -> tuple[int, Any]:
         """POST /api/v2/oauth/token (RFC 6749 client credentials; x/oauth2 clientcredentials)."""

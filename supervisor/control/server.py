@@ -78,9 +78,10 @@ class ControlServer:
     Local users can all reach the port, so a connection is held only while it proves
     itself (limits.py): a ts2021 session must speak for a registered node's machine
     key (at the handshake, or by a register that succeeds) within `trust_deadline`
-    seconds, DERP serves only registered node keys, an HTTP/1 request head must come
-    within 10 s; a trusted session with no request or stream for `idle_timeout`
-    seconds gets GOAWAY. At most `max_connections` = (all, untrusted) are held (from
+    seconds, DERP serves only registered node keys, an /api/v2 request is proven by
+    a credential that checks out (api.py), an HTTP/1 request head must come within
+    10 s; a trusted session with no request or stream for `idle_timeout` seconds gets
+    GOAWAY. At most `max_connections` = (all, untrusted) are held (from
     RLIMIT_NOFILE by default, keeping a reserve for supervision); over it the oldest
     untrusted one is shed, and a proven node is never displaced."""
 
@@ -106,7 +107,7 @@ class ControlServer:
         self.notes = limits.Summarized(log.warning)  # one line per 10 s for a storm of alike
         self._restore_exception_handler: Any = None
         self.stun = StunServer()
-        self.api = ApiServer(self.tailnet, self.online)  # /api/v2/ on the TCP port (api.py)
+        self.api = ApiServer(self.tailnet, self.online, self._trust)  # /api/v2/ on the TCP port (api.py)
         self.fault_status: int | None = None  # every /machine/ request answers this (outage)
         self.register_status: int | None = None  # register answers this instead (facts §4f)
         self.port_moved = ""  # one line when the port used last time was taken (see _listen)
@@ -505,7 +506,8 @@ class ControlServer:
             _close_soon(writer)
 
     def _trust(self, writer: asyncio.StreamWriter) -> None:
-        """This connection speaks for a registered node: never shed, no trust deadline."""
+        """This connection speaks for a registered node (or carries a live API credential):
+        never shed, no trust deadline."""
         self._conns.trust(writer.transport)
 
     def _known_machine(self, machine_key: bytes) -> bool:

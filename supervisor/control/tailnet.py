@@ -819,9 +819,8 @@ class Tailnet:
         """POST /api/v2/oauth/token: (access token, lifetime seconds, client) for a client
         secret; every scope of the client whatever `scope` asked for (facts §1: hosted
         ignored the CLI's bogus `scope=device`). Refused(401, "invalid_client") otherwise."""
-        h = _hash_secret(client_secret)
-        client = next((c for c in self.oauth_clients.values() if c.secret_hash == h), None)
-        if client is None or client.revoked:
+        client = self.oauth_client(client_secret)
+        if client is None:
             self.event("api_refused", reason="unknown or revoked OAuth client")
             raise Refused(401, "invalid_client")
         now = self.now()
@@ -831,6 +830,12 @@ class Tailnet:
         self._grants[_hash_secret(token)] = (actor, now + ACCESS_TOKEN_LIFETIME)
         self.event("oauth_token_issued", client=client.id)
         return token, ACCESS_TOKEN_LIFETIME, client
+
+    def oauth_client(self, client_secret: str) -> OAuthClient | None:
+        """The live (not revoked) OAuth client whose secret this is, else None; no side effect."""
+        h = _hash_secret(client_secret)
+        client = next((c for c in self.oauth_clients.values() if c.secret_hash == h), None)
+        return None if client is None or client.revoked else client
 
     def actor(self, token: str) -> Actor:
         """Who holds this access token. Refused 401 for an unknown, expired or revoked token,
