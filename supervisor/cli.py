@@ -89,6 +89,10 @@ def _err(msg: str) -> None:
     print(f"ts-supervisor: error: {msg}", file=sys.stderr)
 
 
+def _warn(msg: str) -> None:
+    print(f"ts-supervisor: warning: {msg}", file=sys.stderr, flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -121,6 +125,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         fleet.on_event = lambda ev: print(ev.line(), flush=True)
 
     async def main() -> None:
+        # An EMFILE storm on any listener (the IPC socket, metrics, the embedded control)
+        # is one line per listener and a count per 10 s, not a traceback per failed accept.
+        from supervisor.control import limits
+        limits.limit_accept_errors(asyncio.get_running_loop(), limits.Summarized(_warn))
         runner = asyncio.create_task(fleet.run())
         ui = None
         if table:

@@ -251,3 +251,36 @@ def test_a_flood_from_another_uid_does_not_stop_proxies_restarting(sup, tmp_path
     assert len(lines) < 60, f"{len(lines)} lines during the flood:\n" + "\n".join(lines[:40])
     assert not any("Traceback" in line for line in lines), "\n".join(lines[:40])
     assert {sup.status()[n]["state"] for n in names} == {"running"}
+
+
+def test_an_accept_storm_on_the_ipc_socket_is_one_line_then_a_count(sup):
+    """The supervisor's own listeners, not only the embedded control's port: with its
+    descriptors gone (a soft RLIMIT_NOFILE of 64, and local clients that each hold an
+    IPC connection open), asyncio fails accept() about 100 times per loop turn, each a
+    traceback, until the supervisor prints one line and later a count."""
+    import socket
+
+    from supervisor import paths
+    with soft_nofile(64):
+        sup.start()
+    path = str(paths.supervisor_socket(sup.data_dir))
+    quiet_before = len(sup.text().splitlines())
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(200):  # beyond what 64 descriptors hold, and beyond the backlog
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(0.2)
+            with contextlib.suppress(OSError):
+                s.connect(path)
+            socks.append(s)
+        wait_for(lambda: "failed: [Errno 24] Too many open files" in sup.text(), 30,
+                 "one line for the failed accepts")
+        wait_for(lambda: " more in the last 10 s" in sup.text(), 30, "the count of the others")
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(sup._answers, 30, "the supervisor to answer again")
+    lines = sup.text().splitlines()[quiet_before:]
+    storm = [line for line in lines if "accept" in line]
+    assert storm and all(line.startswith("ts-supervisor: warning: accept on ") for line in storm), lines[:20]
+    assert len(storm) < 6 and not any("Traceback" in line for line in lines), "\n".join(lines[:40])

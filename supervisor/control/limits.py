@@ -13,7 +13,8 @@ to every local user. So:
 - `Summarized` turns a storm of like log lines into one line per interval with
   a count; `limit_accept_errors` routes asyncio's "socket.accept() out of
   system resource" (EMFILE: one traceback per failed accept, ~100 per loop turn)
-  through it.
+  through it, for every listener of the process (`ts-supervisor run` installs it
+  at start; the embedded control when it runs alone).
 """
 from __future__ import annotations
 
@@ -166,10 +167,15 @@ class Summarized:
 def limit_accept_errors(loop: asyncio.AbstractEventLoop, notes: Summarized) -> Callable[[], None]:
     """Route asyncio's accept-failure reports (EMFILE, ENFILE, ENOBUFS, ENOMEM: a
     traceback per failed accept, ~100 per loop turn, which wrote 37,000 stderr lines
-    in 8 s) through `notes`: one line, then a count per interval. Every other
-    exception context goes to the handler that was there before. Returns a function
-    that puts that handler back (if ours is still the one installed)."""
+    in 8 s) for every listener of the loop (the control's port, the supervisor's IPC
+    socket, the metrics listener) through `notes`: per listening socket one line,
+    then a count per interval. Every other exception context goes to the handler that
+    was there before. Returns a function that puts that handler back (if ours is still
+    the one installed). If the loop's handler already limits accept errors (the
+    supervisor's, when the embedded control starts), it stays, and this is a no-op."""
     previous = loop.get_exception_handler()
+    if getattr(previous, "limits_accept_errors", False):
+        return lambda: None
 
     def handler(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         if context.get("message") == ACCEPT_ERROR:
@@ -179,7 +185,7 @@ def limit_accept_errors(loop: asyncio.AbstractEventLoop, notes: Summarized) -> C
                 where = f" on {sock.getsockname()}" if sock is not None else ""
             except OSError:
                 pass
-            notes.note("accept", f"accept{where} failed: {context.get('exception')}",
+            notes.note(f"accept{where}", f"accept{where} failed: {context.get('exception')}",
                        f"accept{where} failed")
             return
         if previous is not None:
@@ -187,6 +193,7 @@ def limit_accept_errors(loop: asyncio.AbstractEventLoop, notes: Summarized) -> C
         else:
             lp.default_exception_handler(context)
 
+    handler.limits_accept_errors = True  # type: ignore[attr-defined]
     loop.set_exception_handler(handler)
 
     def restore() -> None:

@@ -180,3 +180,27 @@ def test_accept_errors_go_through_the_summary_and_others_to_the_old_handler() ->
     assert len(lines) == 1 and "[Errno 24] Too many open files" in lines[0]
     assert lines[0].startswith("accept on ('127.0.0.1', ")
     assert [c["message"] for c in others] == ["something else", "after restore"]
+
+
+def test_a_second_accept_limiter_on_the_same_loop_is_a_no_op_and_each_listener_gets_its_line() -> None:
+    """`ts-supervisor run` installs one for all its listeners; the embedded control's
+    own, started later, keeps the first in place."""
+    first: list[str] = []
+    second: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        restore = limit_accept_errors(loop, Summarized(first.append))
+        handler = loop.get_exception_handler()
+        limit_accept_errors(loop, Summarized(second.append))()
+        assert loop.get_exception_handler() is handler
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            b.bind(("127.0.0.1", 0))
+            for sock in (a, b, a, b):
+                loop.call_exception_handler({"message": ACCEPT_ERROR, "socket": sock,
+                                             "exception": OSError(errno.EMFILE, "Too many open files")})
+        restore()
+
+    asyncio.run(main())
+    assert second == [] and len(first) == 2 and first[0] != first[1], first
