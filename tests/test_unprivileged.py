@@ -16,6 +16,8 @@ test.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shlex
@@ -380,38 +382,46 @@ def test_a_real_proxy_runs_recovers_and_stops_as_an_unprivileged_uid(unprivilege
 NAS_TOOLS = ["dirname", "basename", "id", "mkdir", "stat", "chown", "chmod", "su", "nohup"]
 
 
-def nas_install(tmp_path: Path, with_setpriv: bool) -> tuple[Path, Path]:
-    """A NAS install dir as the boot task finds it: nas-boot.sh (a copy, so that
-    its HERE is this dir), the project's venv (a symlink), an empty conf.d, a
-    settings file, and a data dir from the days the script ran everything as
-    root (0755, a 0644 root log). Returns (install dir, PATH dir)."""
+def nas_install(tmp_path: Path, with_setpriv: bool) -> tuple[Path, Path, Path]:
+    """A NAS install dir as the boot task finds it on a Synology share: nas-boot.sh
+    (a copy, so that its HERE is this dir), the project's venv (a symlink), an empty
+    conf.d and a data dir from the days the script ran everything as root (a 0644
+    root log), all 0777/0666 as DSM shows an ACL share. The settings file is root's
+    outside the share (/etc/ts-supervisor/ on a NAS) and vouches for the share with
+    trust_acl_paths. Returns (install dir, settings file, PATH dir)."""
     here = tmp_path / "ts-supervisor"
     (here / "scripts" / "service").mkdir(parents=True)
     shutil.copy(NAS_BOOT, here / "scripts" / "service" / "nas-boot.sh")
     (here / ".venv").symlink_to(Path(sys.prefix))
     (here / "conf.d").mkdir()
-    (here / "ts-supervisor.toml").write_text("backoff_initial = 0.5\n")
     data = here / "data"
     data.mkdir()
     (data / "supervisor.log").write_text("a line from a root run\n")
+    etc = tmp_path / "etc" / "ts-supervisor"
+    etc.mkdir(parents=True)
+    settings = etc / "ts-supervisor.toml"
+    settings.write_text(tomli_w.dumps({"backoff_initial": 0.5, "trust_acl_paths": [str(here)]}))
     bindir = tmp_path / "bin"
     bindir.mkdir()
     for name in NAS_TOOLS + (["setpriv"] if with_setpriv else []):
         (bindir / name).symlink_to(tool(name))
     for p in [tmp_path, *tmp_path.rglob("*")]:
         if not p.is_symlink():
-            p.chmod(0o755 if p.is_dir() else 0o644)
-    return here, bindir
+            share = p == here or here in p.parents
+            p.chmod((0o777 if share else 0o755) if p.is_dir() else (0o666 if share else 0o644))
+    return here, settings, bindir
 
 
 @pytest.mark.real
 @pytest.mark.parametrize("with_setpriv", [True, False], ids=["setpriv", "su-fallback"])
 def test_nas_boot_starts_the_supervisor_as_the_service_user(tmp_path, stage, with_setpriv):
-    here, bindir = nas_install(tmp_path, with_setpriv)
+    """On an ACL share (0777 everywhere) with root's settings file outside it."""
+    here, settings, bindir = nas_install(tmp_path, with_setpriv)
     data = here / "data"
     prefix = reachable_by_nobody([*the_interpreter(), ROOT, tmp_path], stage)
     out = subprocess.run([*prefix, "/bin/sh", str(here / "scripts" / "service" / "nas-boot.sh")],
-                         env={"PATH": str(bindir), "TS_SUPERVISOR_USER": "nobody", "HOME": "/root"},
+                         env={"PATH": str(bindir), "TS_SUPERVISOR_USER": "nobody", "HOME": "/root",
+                              "TS_SUPERVISOR_SETTINGS": str(settings)},
                          capture_output=True, text=True, timeout=60, cwd="/")
     assert out.returncode == 0, out.stdout + out.stderr
     m = re.search(r"started as nobody \(pid (\d+)\)", out.stdout)
@@ -421,7 +431,10 @@ def test_nas_boot_starts_the_supervisor_as_the_service_user(tmp_path, stage, wit
         wait_for(lambda: ipc.call(data, "status", timeout=2), 30,
                  f"the supervisor to answer\n{(data / 'supervisor.log').read_text()}")
         assert _ids(proc) == ((NOBODY,) * 3, (NOBODY,) * 3)
-        assert proc.cmdline()[-2:] == ["--settings", str(here / "ts-supervisor.toml")]
+        assert proc.cmdline()[-2:] == ["--settings", str(settings)]
+        # The share's conf.d is accepted only by the waiver, and says so.
+        events = [json.loads(line) for line in (data / "events.jsonl").read_text().splitlines()]
+        assert any(e["event"] == "trust_waived" and str(here / "conf.d") in e["reason"] for e in events), events
         with open(f"/proc/{proc.pid}/status") as f:
             caps = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
         assert caps["CapEff"].strip("0\n") == ""
@@ -432,7 +445,8 @@ def test_nas_boot_starts_the_supervisor_as_the_service_user(tmp_path, stage, wit
         assert stat.S_IMODE((data / "events.jsonl").stat().st_mode) == 0o600
         # A second boot finds it running and starts nothing.
         again = subprocess.run([*prefix, "/bin/sh", str(here / "scripts" / "service" / "nas-boot.sh")],
-                               env={"PATH": str(bindir), "TS_SUPERVISOR_USER": "nobody"},
+                               env={"PATH": str(bindir), "TS_SUPERVISOR_USER": "nobody",
+                                    "TS_SUPERVISOR_SETTINGS": str(settings)},
                                capture_output=True, text=True, timeout=60, cwd="/")
         assert again.returncode == 0 and "already running" in again.stdout, again.stdout + again.stderr
     finally:
@@ -453,6 +467,33 @@ def test_nas_boot_refuses_a_missing_or_root_service_user(tmp_path, user, says):
     assert out.returncode == 1 and out.stdout == ""
     assert len(out.stderr.splitlines()) == 1 and says in out.stderr, out.stderr
     assert not data.exists()
+
+
+@pytest.mark.real
+def test_nas_boot_stops_at_a_settings_file_in_the_install_dir_saying_where_it_goes(tmp_path, stage):
+    """Older installs kept ts-supervisor.toml next to the script: on a share anyone may
+    write it, and the supervisor would refuse it (after the script said "started");
+    starting without it would drop its settings silently."""
+    if os.path.lexists("/etc/ts-supervisor/ts-supervisor.toml"):
+        pytest.skip("this machine has /etc/ts-supervisor/ts-supervisor.toml: the script would use it")
+    here, _, bindir = nas_install(tmp_path, with_setpriv=True)
+    (here / "ts-supervisor.toml").write_text("backoff_initial = 0.5\n")
+    prefix = reachable_by_nobody([*the_interpreter(), ROOT, tmp_path], stage)
+    out = subprocess.run([*prefix, "/bin/sh", str(here / "scripts" / "service" / "nas-boot.sh")],
+                         env={"PATH": str(bindir), "TS_SUPERVISOR_USER": "nobody"},
+                         capture_output=True, text=True, timeout=30, cwd="/")
+    if m := re.search(r"\(pid (\d+)\)", out.stdout):  # it started one: ours, not reaped
+        with contextlib.suppress(psutil.NoSuchProcess):
+            started = psutil.Process(int(m.group(1)))
+            if started.ppid() == os.getpid():
+                started.send_signal(signal.SIGTERM)
+                started.wait(30)
+    assert (out.returncode, out.stdout) == (1, ""), out.stdout + out.stderr
+    assert out.stderr.splitlines() == [
+        f"nas-boot: error: {here}/ts-supervisor.toml is not read (on a share others may write it): "
+        f"move it to /etc/ts-supervisor/ts-supervisor.toml (root's, 0644) with "
+        f'trust_acl_paths = ["{here}"], or name it in TS_SUPERVISOR_SETTINGS'], out.stderr
+    assert (here / "data" / "supervisor.log").read_text() == "a line from a root run\n"
 
 
 # -- scripts/setup installs what these tests need -----------------------------------------

@@ -13,7 +13,18 @@
 #                       be able to read this directory, conf.d and the auth key
 #                       files (chgrp its group KEYFILE; chmod 0640 KEYFILE).
 #   TS_SUPERVISOR_DATA_DIR, TS_SUPERVISOR_CONF_DIR   default: data/, conf.d/ here
-#   TS_SUPERVISOR_SETTINGS   default: ts-supervisor.toml here, passed as --settings if present
+#   TS_SUPERVISOR_SETTINGS   passed as --settings; default: /etc/ts-supervisor/ts-supervisor.toml
+#                       if present (else the supervisor's defaults). Keep it there, root's
+#                       (root:root 0644; root:GROUP 0640 if it holds webhook URLs): the
+#                       supervisor trusts a settings file only if no one else can write
+#                       it, and a share such as /volume1 shows 0777 everywhere (its ACLs
+#                       decide), so a settings file there is refused. In it, vouch for
+#                       the share (conf.d, key files, binaries; one warning line each):
+#                         trust_acl_paths = ["/volume1/ts-supervisor"]
+#                       Unraid rebuilds /etc at every boot: have the user script copy
+#                       the file there first, from a copy only root can write.
+#                       A ts-supervisor.toml here is not read: the script stops, saying so.
+# Root runs this script from the install dir: let only administrators write it.
 # It uses the NAS's own tailscale package if present (set the paths below),
 # and logs one line per event to $DATA/supervisor.log (0600).
 set -eu
@@ -22,7 +33,15 @@ HERE=$(cd "$(dirname "$0")/../.." && pwd)
 TS_SUPERVISOR_BOOT_SCRIPT=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 DATA=${TS_SUPERVISOR_DATA_DIR:-$HERE/data}
 CONF=${TS_SUPERVISOR_CONF_DIR:-$HERE/conf.d}
-SETTINGS=${TS_SUPERVISOR_SETTINGS:-$HERE/ts-supervisor.toml}
+SYSTEM_SETTINGS=/etc/ts-supervisor/ts-supervisor.toml
+SETTINGS=${TS_SUPERVISOR_SETTINGS:-}  # named: always passed (a missing file is the supervisor's one-line error)
+if [ -z "$SETTINGS" ] && [ -e "$SYSTEM_SETTINGS" ]; then
+  SETTINGS=$SYSTEM_SETTINGS
+elif [ -z "$SETTINGS" ] && [ -e "$HERE/ts-supervisor.toml" ]; then
+  # Older installs kept it here; running on without it would drop its settings silently.
+  echo "nas-boot: error: $HERE/ts-supervisor.toml is not read (on a share others may write it): move it to $SYSTEM_SETTINGS (root's, 0644) with trust_acl_paths = [\"$HERE\"], or name it in TS_SUPERVISOR_SETTINGS" >&2
+  exit 1
+fi
 RUN_AS=${TS_SUPERVISOR_USER:-ts-supervisor}
 # The unprivileged half below (run by setpriv or su) reads these back.
 export TS_SUPERVISOR_BOOT_SCRIPT TS_SUPERVISOR_DATA_DIR="$DATA" TS_SUPERVISOR_CONF_DIR="$CONF" \
@@ -62,6 +81,6 @@ if "$BIN" status --data-dir "$DATA" >/dev/null 2>&1; then
   echo "ts-supervisor already running with $DATA"; exit 0
 fi
 set -- run --no-console --config-dir "$CONF" --data-dir "$DATA"
-if [ -e "$SETTINGS" ]; then set -- "$@" --settings "$SETTINGS"; fi
+if [ -n "$SETTINGS" ]; then set -- "$@" --settings "$SETTINGS"; fi
 nohup "$BIN" "$@" >>"$DATA/supervisor.log" 2>&1 </dev/null &
 echo "ts-supervisor started as $(id -un) (pid $!), logging to $DATA/supervisor.log"
