@@ -386,8 +386,20 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
     return await fut
 
 
+def loopback_host(host: str | None) -> bool:
+    """Is `host` (a URL's hostname) this machine: `localhost` or a loopback IP literal?"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
 def _check_base(base: str) -> str:
-    """The API base URL: http(s)://host[:port][/prefix], no user info, query or fragment."""
+    """The API base URL: https://host[:port][/prefix], or http:// to a loopback host
+    only (the credential would cross the network in clear), no user info, query or
+    fragment. ValueError otherwise."""
     try:
         u = urllib.parse.urlsplit(base.strip())
         u.port  # noqa: B018 - ValueError for a bad port
@@ -397,6 +409,9 @@ def _check_base(base: str) -> str:
         raise ValueError("API base must be a URL like https://api.tailscale.com")
     if u.username is not None or u.password is not None:
         raise ValueError("API base must not carry a user or password")
+    if u.scheme == "http" and not loopback_host(u.hostname):
+        raise ValueError("API base must be https:// (http:// only to a loopback address: "
+                         "the API credential would cross the network in clear)")
     return base.strip().rstrip("/")
 
 
