@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from supervisor.control.tailnet import PEER_POLICIES
 from supervisor.trust import Policy, parse_acl_paths
 
 EMBEDDED = "embedded"
@@ -713,7 +714,10 @@ class Settings:
     start_timeout: float = 60.0         # launch -> Running, else treated as a crash
     hang_timeout: float = 20.0          # LocalAPI unanswered this long = hung tailscaled
     embedded_port: int = 0              # 0: pick once, then keep it (nodes remember the URL)
+    embedded_peers: str = "clients"     # the embedded control's peers policy: "clients" (proxies
+                                        # see client nodes, not each other) or "all"
     reconcile_period: float = 30.0      # seconds between observations of a quiet node
+    memory_period: float = 60.0         # seconds between samples of the children's PSS/USS/CPU (memory.py); 0: off
     metrics: str = ""                   # "127.0.0.1:9101": serve Prometheus text there (loopback)
     webhooks: tuple[Any, ...] = ()      # [[webhook]] tables: url, format, events
     trust_acl_paths: tuple[Path, ...] = ()  # ACL file systems: owner/mode not checked below these
@@ -725,7 +729,8 @@ _SETTINGS_TYPES: dict[str, tuple[type, ...]] = {
     "start_limit": (int,), "start_window": (int, float), "backoff_initial": (int, float),
     "backoff_max": (int, float), "stop_grace": (int, float), "start_timeout": (int, float),
     "hang_timeout": (int, float), "embedded_port": (int,), "metrics": (str,),
-    "reconcile_period": (int, float), "api_base": (str,),
+    "reconcile_period": (int, float), "api_base": (str,), "embedded_peers": (str,),
+    "memory_period": (int, float),
 }
 
 
@@ -795,6 +800,9 @@ def load_settings(path: Path | None) -> Settings:
             problems.append(f"{path}: metrics: must be a loopback HOST:PORT such as 127.0.0.1:9101")
     if isinstance(raw.get("api_base"), str) and (problem := api_base_problem(raw["api_base"])):
         problems.append(f"{path}: api_base: {problem}")
+    if isinstance(raw.get("embedded_peers"), str) and raw["embedded_peers"] not in PEER_POLICIES:
+        problems.append(f"{path}: embedded_peers: {show(raw['embedded_peers'])} must be \"clients\" "
+                        "(proxies see client nodes, not each other) or \"all\" (every node sees every node)")
     for key, value in raw.items():
         kinds = _SETTINGS_TYPES.get(key)
         if kinds is None:
@@ -807,7 +815,7 @@ def load_settings(path: Path | None) -> Settings:
             values[key] = _expand(value)
             if values[key] is None:
                 problems.append(f"{path}: {key}: {show(value)} is not a usable path")
-        elif isinstance(value, str):  # metrics and api_base, checked above
+        elif isinstance(value, str):  # metrics, api_base and embedded_peers, checked above
             values[key] = value.rstrip("/") if key == "api_base" else value
         elif value < 0:
             problems.append(f"{path}: {key}: must not be negative")

@@ -138,7 +138,8 @@ class Fleet:
         if self.control is not None or not any(c.embedded for c in configs):
             return
         from supervisor.control.server import ControlServer  # only when a proxy needs it
-        control = ControlServer(self.data_dir / "control", port=self.settings.embedded_port)
+        control = ControlServer(self.data_dir / "control", port=self.settings.embedded_port,
+                                peers=self.settings.embedded_peers)
         try:
             await control.start()
         except BaseException:

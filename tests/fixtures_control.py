@@ -64,9 +64,11 @@ class ControlThread:
         return self._run(call())
 
     def create_key(self, *, reusable: bool = False, ephemeral: bool = False,
-                   expiry: float | None = 3600.0, tags: list[str] | None = None) -> dict[str, Any]:
+                   expiry: float | None = 3600.0, tags: list[str] | None = None,
+                   proxy: bool = False) -> dict[str, Any]:
+        """`proxy`: the key's nodes count as the supervisor's proxies (the peers policy)."""
         return self.admin("create_key", reusable=reusable, ephemeral=ephemeral,
-                          expiry=expiry, tags=tags or [])
+                          expiry=expiry, tags=tags or [], proxy=proxy)
 
     def nodes(self) -> list[dict[str, Any]]:
         return self.admin("list_nodes")

@@ -64,11 +64,12 @@ class ApiServer:
         self.online = online
         self.trust = trust
         self.fault_status: int | None = None
-        self._credential = Credential("token", tailnet.issue_admin_token())
+        self._credential = Credential("token", tailnet.issue_admin_token(proxy_keys=True))
 
     def credential(self) -> Credential:
         """An access token of the tailnet's admin user, made with this server and kept in
-        memory only (never in endpoint.json or any file)."""
+        memory only (never in endpoint.json or any file). It is the supervisor's: the keys
+        it creates log in the supervisor's proxies (AuthKey.proxy, the peers policy)."""
         return self._credential
 
     def admin(self, op: str, **args: Any) -> Any:

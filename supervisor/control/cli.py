@@ -110,9 +110,20 @@ class AdminClient:
 
     def create_key(self, *, reusable: bool = False, ephemeral: bool = False,
                    expiry: float | None = 90 * 86400.0, tags: list[str] | None = None,
-                   user: str = "") -> dict[str, Any]:
+                   user: str = "", proxy: bool = False) -> dict[str, Any]:
+        """`proxy`: the key's nodes count as the supervisor's proxies (the peers policy)."""
         return self.call("POST", "keys", {"reusable": reusable, "ephemeral": ephemeral,
-                                          "expiry": expiry, "tags": tags or [], "user": user})
+                                          "expiry": expiry, "tags": tags or [], "user": user,
+                                          "proxy": proxy})
+
+    def peers(self) -> dict[str, Any]:
+        """{"peers": "clients" | "all"}: the peers policy."""
+        return self.call("GET", "peers")
+
+    def set_peers(self, peers: str) -> dict[str, Any]:
+        """Change the peers policy until the control's next start; online nodes hear what
+        they gained and lost at once. {"peers", "pushed": [node ids]}."""
+        return self.call("POST", "peers", {"peers": peers})
 
     def keys(self) -> list[dict[str, Any]]:
         return self.call("GET", "keys")
@@ -167,7 +178,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         server = ControlServer(args.control_dir, port=args.port,
-                               ephemeral_reap_after=args.reap_after)
+                               ephemeral_reap_after=args.reap_after, peers=args.peers)
         await server.start()
         if server.port_moved:
             print(f"ts-supervisor control: {server.port_moved}", file=sys.stderr, flush=True)
@@ -190,7 +201,8 @@ def _admin(args: argparse.Namespace) -> int:
         if args.what == "keys":
             if args.verb == "create":
                 out: Any = client.create_key(reusable=args.reusable, ephemeral=args.ephemeral,
-                                             expiry=args.expiry, tags=args.tag, user=args.user)
+                                             expiry=args.expiry, tags=args.tag, user=args.user,
+                                             proxy=args.proxy)
             elif args.verb == "list":
                 out = client.keys()
             else:
@@ -199,6 +211,8 @@ def _admin(args: argparse.Namespace) -> int:
             out = client.nodes() if args.verb == "list" else client.act("nodes", args.id, args.verb)
         elif args.what == "events":
             out = client.events(args.since)
+        elif args.what == "peers":
+            out = client.peers() if args.policy is None else client.set_peers(args.policy)
         elif args.what == "caps":
             if args.verb == "set" and args.inherit and (args.https or args.funnel or args.funnel_ports):
                 raise RuntimeError("caps set: --inherit takes no capabilities (it returns the node "
@@ -227,6 +241,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--port", type=int, default=0)
     s.add_argument("--reap-after", type=float, default=30.0,
                    help="seconds after an ephemeral node's map poll ends before it is removed")
+    s.add_argument("--peers", choices=("clients", "all"), default="clients",
+                   help="clients: proxies see client nodes but not each other (default); all: everyone")
     s.set_defaults(func=_serve)
 
     keys = csub.add_parser("keys", help="create, list, revoke or expire auth keys")
@@ -239,6 +255,8 @@ def add_parser(sub: Any) -> None:
     create.add_argument("--user", default="", metavar="LOGIN",
                         help="owner of the key's untagged nodes, e.g. alice@example.com "
                              "(default: the tailnet's admin user)")
+    create.add_argument("--proxy", action="store_true",
+                        help="its nodes count as the supervisor's proxies (for the peers policy)")
     ksub.add_parser("list")
     for verb in ("revoke", "expire"):
         ksub.add_parser(verb).add_argument("id")
@@ -260,6 +278,11 @@ def add_parser(sub: Any) -> None:
                       help="the funnel-ports capability, e.g. 443,8443,10000-10010")
     cset.add_argument("--inherit", action="store_true", help="return --node to the tailnet default")
 
+    peers = csub.add_parser("peers", help="show or change who sees whom (until the control's next start)")
+    peers.add_argument("policy", nargs="?", choices=("clients", "all"),
+                       help="clients: proxies see client nodes, not each other; all: every node "
+                            "sees every node (default: show the policy)")
+
     ev = csub.add_parser("events", help="the control's decision log (monotonic times)")
     ev.add_argument("--since", type=float, default=0.0)
 
@@ -268,5 +291,5 @@ def add_parser(sub: Any) -> None:
     fault.add_argument("--register-status", type=int)
     fault.add_argument("--clear", action="store_true")
 
-    for sp in (keys, nodes, caps, ev, fault):
+    for sp in (keys, nodes, caps, peers, ev, fault):
         sp.set_defaults(func=_admin)

@@ -17,6 +17,12 @@ deltas, coalesced per loop turn, with each changed node's JSON built once;
 only a node's first map message carries the whole peer list. A node's own
 capabilities (`Node.CapMap`) and `DNSConfig.CertDomains` go to that node only;
 every message naming a node carries its owner's `UserProfiles` entry.
+
+Peers follow the tailnet's peers policy (tailnet.peers_visible): by default the
+supervisor's proxies see client nodes but not each other, so a proxy that joins,
+restarts or goes offline sends nothing to the other proxies, and each proxy's
+netmap holds the clients only. A change of the rule (`set_peers`, or a node that
+logs in again as the other kind) tells each node what it gained and lost.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +57,8 @@ from supervisor.control import limits, noise, zstdframe
 from supervisor.control.api import ApiServer
 from supervisor.control.derp import DerpServer
 from supervisor.control.stun import StunServer
-from supervisor.control.tailnet import NO_CAPS, AdminError, Node, Tailnet, rfc3339
+from supervisor.control.tailnet import (NO_CAPS, PEERS_CLIENTS, AdminError, Node, Tailnet, peers_visible,
+                                        rfc3339)
 from supervisor.tsapi import Credential
 
 log = logging.getLogger(__name__)
@@ -83,13 +91,16 @@ class ControlServer:
     10 s; a trusted session with no request or stream for `idle_timeout` seconds gets
     GOAWAY. At most `max_connections` = (all, untrusted) are held (from
     RLIMIT_NOFILE by default, keeping a reserve for supervision); over it the oldest
-    untrusted one is shed, and a proven node is never displaced."""
+    untrusted one is shed, and a proven node is never displaced.
+
+    `peers`: the peers policy, "clients" (proxies see client nodes, not each other)
+    or "all"; ValueError for another."""
 
     def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", port: int = 0,
                  ephemeral_reap_after: float = 30.0, domain: str = "tailnet.test",
                  keepalive: float = 50.0, trust_deadline: float = TRUST_DEADLINE,
                  idle_timeout: float = SESSION_IDLE_TIMEOUT,
-                 max_connections: tuple[int, int] | None = None) -> None:
+                 max_connections: tuple[int, int] | None = None, peers: str = PEERS_CLIENTS) -> None:
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"the control binds to loopback only, not {host}")
         self.data_dir = Path(data_dir)
@@ -99,7 +110,8 @@ class ControlServer:
         self.keepalive = keepalive
         self.trust_deadline = trust_deadline
         self.idle_timeout = idle_timeout
-        self.tailnet = Tailnet(self.data_dir / "state.json", domain=domain, on_change=self._on_change)
+        self.tailnet = Tailnet(self.data_dir / "state.json", domain=domain, on_change=self._on_change,
+                               peers=peers)
         self.derp = DerpServer(admit=self._admit_derp)
         self.nofile = limits.nofile_soft_limit()
         self._conns: limits.ConnectionTable[asyncio.BaseTransport] = limits.ConnectionTable(
@@ -120,7 +132,8 @@ class ControlServer:
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self._reapers: dict[int, asyncio.TimerHandle] = {}
         self._changed: set[int] = set()
-        self._removed: set[int] = set()
+        self._removed: dict[int, bool] = {}  # node id -> was a proxy
+        self._roles = {n.id: n.proxy for n in self.tailnet.nodes.values()}  # as peers were last told
         self._flush_scheduled = False
         self._keepalive_task: asyncio.Task[None] | None = None
         self._private = b""
@@ -241,9 +254,9 @@ class ControlServer:
     # -- admin (Python) --------------------------------------------------------
 
     async def mint_key(self, *, ephemeral: bool = False, tags: list[str] | None = None) -> str:
-        """A single-use key for the supervisor's own `up`; it is spent at once."""
+        """A single-use key for the supervisor's own `up` (a proxy's); it is spent at once."""
         _, secret = self.tailnet.create_key(reusable=False, ephemeral=ephemeral,
-                                            expiry=MINT_KEY_LIFETIME, tags=tags)
+                                            expiry=MINT_KEY_LIFETIME, tags=tags, proxy=True)
         return secret
 
     def api_credential(self) -> Credential:
@@ -278,7 +291,11 @@ class ControlServer:
         grants exactly those to one node (absent: not granted), `node` absent/None makes them
         the tailnet default, `set_caps(node=ID, inherit=True)` returns a node to that default;
         every node whose grant changed gets a new netmap at once. `list_caps` gives
-        {"default": caps, "nodes": {id: caps}}. Owners: `create_key(user="alice@example.com")`.
+        {"default": caps, "nodes": {id: caps}}. Owners: `create_key(user="alice@example.com")`;
+        `create_key(proxy=True)` makes a key whose nodes count as the supervisor's proxies.
+        Peers: `peers` gives {"peers": policy}; `set_peers(peers="all" | "clients")` changes
+        the policy (until the next start) and tells every online node which peers it gained
+        and lost: {"peers", "pushed": [node ids]}.
         `control` says which control answers: {"url", "public_key", "pid"}."""
         t = self.tailnet
         if op == "control":
@@ -290,7 +307,7 @@ class ControlServer:
                                        ephemeral=bool(args.get("ephemeral", False)),
                                        expiry=_opt_float(args.get("expiry", 90 * 86400.0)),
                                        tags=list(args.get("tags") or []),
-                                       user=args.get("user") or "")
+                                       user=args.get("user") or "", proxy=bool(args.get("proxy", False)))
             return {**key.public(t.now()), "secret": secret}
         if op == "list_keys":
             return self.list_keys()
@@ -320,6 +337,13 @@ class ControlServer:
                     "pushed": [n.id for n in changed]}
         if op == "list_caps":
             return {"default": t.default_caps, "nodes": {str(n.id): t.caps(n) for n in t.nodes.values()}}
+        if op == "peers":
+            return {"peers": t.peers}
+        if op == "set_peers":
+            old = t.peers
+            t.set_peers(args.get("peers"))
+            pushed = self._peers_regrouped(lambda v, p: peers_visible(old, v.proxy, p.proxy))
+            return {"peers": t.peers, "pushed": pushed}
         if op == "events":
             return t.events_since(float(args.get("since") or 0))
         if op == "set_fault":  # each switch changes only when named; None clears it
@@ -339,7 +363,7 @@ class ControlServer:
 
     def _on_change(self, kind: str, node: Node) -> None:
         if kind == "removed":
-            self._removed.add(node.id)
+            self._removed[node.id] = self._roles.pop(node.id, node.proxy)
             self._changed.discard(node.id)
             for stream in list(self._streams.pop(node.id, ())):
                 stream.end()  # hosted control ends a deleted node's long poll (§4b)
@@ -353,34 +377,92 @@ class ControlServer:
             asyncio.get_running_loop().call_soon(self._flush_changes)
 
     def _flush_changes(self) -> None:
-        """Send what changed since the last turn: each changed node's JSON built once."""
+        """Send what changed since the last turn to the nodes that see it: each changed
+        node's JSON built once, and one message per kind of viewer (proxy or client)
+        for every viewer that did not change itself."""
         self._flush_scheduled = False
-        changed = {i: self._node_json(self.tailnet.nodes[i]) for i in self._changed
-                   if i in self.tailnet.nodes}
-        removed = sorted(self._removed)
+        t = self.tailnet
+        nodes = {i: t.nodes[i] for i in self._changed if i in t.nodes}
+        removed = dict(self._removed)
         self._changed.clear()
         self._removed.clear()
-        if not changed and not removed:
+        if not nodes and not removed:
             return
-        profiles = self._profiles(self.tailnet.nodes[i] for i in changed)
+        was = {i: self._roles[i] for i, n in nodes.items() if self._roles.get(i, n.proxy) != n.proxy}
+        self._roles.update((i, n.proxy) for i, n in nodes.items())
+        if was:  # logged in again as the other kind: its peers and its viewers change
+            self._peers_regrouped(lambda v, p: peers_visible(t.peers, was.get(v.id, v.proxy),
+                                                             was.get(p.id, p.proxy)))
+        changed = {i: self._node_json(n) for i, n in nodes.items()}
+        shared: dict[bool, bytes | None] = {}  # per kind of viewer, for those not in `changed`
         for nid, streams in list(self._streams.items()):
-            node = self.tailnet.nodes.get(nid)
-            if node is None:
+            viewer = t.nodes.get(nid)
+            if viewer is None:
                 continue
-            msg: dict[str, Any] = {}
-            peers = [j for i, j in changed.items() if i != nid]
-            if peers:
-                msg["PeersChanged"] = peers
-            if removed:
-                msg["PeersRemoved"] = removed
             if nid in changed:
-                msg.update(self._self_parts(node, changed[nid]))
-            if peers or nid in changed:
-                msg["UserProfiles"] = profiles
-            if msg:
-                data = zstdframe.message(json.dumps(msg).encode())
+                data = self._delta(viewer, nodes, changed, removed)
+            else:
+                if viewer.proxy not in shared:
+                    shared[viewer.proxy] = self._delta(viewer, nodes, changed, removed)
+                data = shared[viewer.proxy]
+            if data:
                 for stream in list(streams):
                     stream.send(data)
+
+    def _delta(self, viewer: Node, nodes: dict[int, Node], changed: dict[int, dict[str, Any]],
+               removed: dict[int, bool]) -> bytes | None:
+        """One viewer's map message for a turn's changes (None: nothing it sees changed).
+        It depends on the viewer only through its kind, unless it is among the changed."""
+        t = self.tailnet
+        seen = [n for i, n in nodes.items() if i != viewer.id and t.visible(viewer, n)]
+        gone = sorted(i for i, proxy in removed.items() if peers_visible(t.peers, viewer.proxy, proxy))
+        msg: dict[str, Any] = {}
+        if seen:
+            msg["PeersChanged"] = [changed[n.id] for n in seen]
+        if gone:
+            msg["PeersRemoved"] = gone
+        if viewer.id in changed:
+            msg.update(self._self_parts(viewer, changed[viewer.id]))
+            seen = [*seen, viewer]
+        if seen:
+            msg["UserProfiles"] = self._profiles(seen)
+        return zstdframe.message(json.dumps(msg).encode()) if msg else None
+
+    def _peers_regrouped(self, before: Callable[[Node, Node], bool]) -> list[int]:
+        """After the rule of who sees whom changed (`before(viewer, peer)` is the old
+        rule): tell every node with a map stream the peers it gained (PeersChanged) and
+        lost (PeersRemoved). A delta, not a whole `Peers` list: tailscaled ignores an empty
+        one (controlclient/map.go updatePeersStateFromResponse), so a proxy left with no
+        peers would keep the old ones. Returns the ids of the nodes told."""
+        t = self.tailnet
+        built: dict[int, dict[str, Any]] = {}
+        told = []
+        for nid, streams in list(self._streams.items()):
+            viewer = t.nodes.get(nid)
+            if viewer is None:
+                continue
+            gained, lost = [], []
+            for p in t.nodes.values():
+                if p.id == nid:
+                    continue
+                old, new = before(viewer, p), t.visible(viewer, p)
+                if new and not old:
+                    gained.append(p)
+                elif old and not new:
+                    lost.append(p.id)
+            if not gained and not lost:
+                continue
+            msg: dict[str, Any] = {}
+            if gained:
+                msg["PeersChanged"] = [built.setdefault(p.id, self._node_json(p)) for p in gained]
+                msg["UserProfiles"] = self._profiles(gained)
+            if lost:
+                msg["PeersRemoved"] = sorted(lost)
+            data = zstdframe.message(json.dumps(msg).encode())
+            for stream in list(streams):
+                stream.send(data)
+            told.append(nid)
+        return told
 
     def _node_json(self, n: Node) -> dict[str, Any]:
         now = self.tailnet.now()
@@ -422,7 +504,8 @@ class ControlServer:
         return [t.profile(login) for login in sorted({t.owner(n) for n in nodes})]
 
     def _full_map(self, node: Node, with_peers: bool) -> dict[str, Any]:
-        peers = [p for p in self.tailnet.nodes.values() if p.id != node.id] if with_peers else []
+        t = self.tailnet
+        peers = [p for p in t.nodes.values() if p.id != node.id and t.visible(node, p)] if with_peers else []
         msg: dict[str, Any] = {
             **self._self_parts(node, self._node_json(node)), "DERPMap": self._derp_map(),
             "Domain": self.tailnet.domain, "PacketFilter": ALLOW_ALL,
@@ -964,7 +1047,7 @@ def _admin_route(method: str, target: str, body: dict[str, Any]) -> tuple[str, d
         ("GET", "keys"): "list_keys", ("POST", "keys"): "create_key",
         ("GET", "nodes"): "list_nodes", ("GET", "events"): "events",
         ("POST", "fault"): "set_fault", ("GET", "caps"): "list_caps", ("POST", "caps"): "set_caps",
-        ("GET", "control"): "control",
+        ("GET", "control"): "control", ("GET", "peers"): "peers", ("POST", "peers"): "set_peers",
     }
     if len(parts) == 1 and (method, parts[0]) in routes:
         return routes[(method, parts[0])], {**query, **body}

@@ -24,6 +24,16 @@ the facts file's status and wording ("Minimal server behaviour"). Every node
 has a stable node ID in hosted control's form (`n` + letters and digits +
 `CNTRL`), which tailscaled shows as status `Self.ID`.
 
+Who sees whom (the peers policy, `peers_visible`): on a real tailnet the ACL
+decides, and two nodes are peers when either may reach the other. Here a node
+is one of the supervisor's proxies when it logged in with a key the supervisor
+minted (through its in-process API credential, or `create_key(proxy=True)`):
+the key carries the mark as a tagged key carries its tags. With the default
+policy `clients`, proxies see every client node and every client sees every
+proxy, but proxies do not see each other, as on a tailnet whose ACL lets members
+reach `tag:proxy` and nothing lets `tag:proxy` reach `tag:proxy`; `all` is the
+allow-all policy (every node sees every node).
+
 Everything that comes in is checked by one set of rules: `state.json` on
 load (any other shape is one StateError line naming the file, key and
 reason) and the fields of register/map requests (ValueError naming the
@@ -64,6 +74,9 @@ SCOPE_KEYS, SCOPE_DEVICES = "auth_keys", "devices:core"
 ACCESS_TOKEN_LIFETIME = 3600.0  # "An API access token expires after one hour" (KB1215)
 API_TOKEN_LIFETIME = 90 * 86400.0  # user API tokens live 1-90 days (facts §0)
 MAX_API_KEY_EXPIRY = 90 * 86400.0  # the API's auth keys: default and maximum 90 days (facts §2)
+PEERS_CLIENTS = "clients"  # proxies see client nodes, not each other (the default)
+PEERS_ALL = "all"  # every node sees every node (hosted control's allow-all policy)
+PEER_POLICIES = (PEERS_CLIENTS, PEERS_ALL)
 NO_PERMISSION = "calling actor does not have enough permissions to perform this function"
 
 
@@ -92,6 +105,18 @@ def parse_rfc3339(text: str | None) -> float | None:
 _ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
+def peers_visible(policy: str, viewer_is_proxy: bool, peer_is_proxy: bool) -> bool:
+    """Does a node see a peer in its netmap? Symmetric, as on a real tailnet (two nodes
+    are peers when either may reach the other: hosted control's rule, which headscale
+    follows, juanfont/headscale#1961). Under `clients` two proxies are not peers; under
+    `all` everyone is. ValueError for an unknown policy."""
+    if policy == PEERS_ALL:
+        return True
+    if policy == PEERS_CLIENTS:
+        return not (viewer_is_proxy and peer_is_proxy)
+    raise ValueError(f"unknown peers policy {_short(policy)}: want {' or '.join(PEER_POLICIES)}")
+
+
 def _hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -118,6 +143,7 @@ class AuthKey:
     description: str = ""
     tailnet_owned: bool = False  # created by an OAuth client (facts §2: OAuth keys are the tailnet's)
     revoked_at: float | None = None  # when `revoked` became true
+    proxy: bool = False  # minted by the supervisor for one of its proxies (the peers policy)
 
     def state(self, now: float) -> str:
         if self.revoked:
@@ -157,6 +183,7 @@ class Node:
     user: str = ""  # the owner's login when untagged; "" is the tailnet's default user
     caps: dict[str, Any] | None = None  # granted capabilities (NO_CAPS shape); None: the tailnet default
     stable_id: str = ""  # tailcfg.StableNodeID, the API's nodeId; "" only before loading fills it
+    proxy: bool = False  # logged in with a proxy's key (AuthKey.proxy) at its last login
 
     def expired(self, now: float) -> bool:
         return self.key_expiry is not None and now >= self.key_expiry
@@ -194,6 +221,7 @@ class Actor:
     tags: tuple[str, ...] = ()  # an OAuth client's tags
     client_id: str = ""
     login: str = ""  # a user's login
+    proxy_keys: bool = False  # the keys it creates log in the supervisor's proxies (AuthKey.proxy)
 
     def may(self, scope: str, write: bool) -> bool:
         return self.kind == "user" or scope in self.scopes or (not write and f"{scope}:read" in self.scopes)
@@ -363,7 +391,7 @@ _KEY_FIELDS: dict[str, Callable[[Any], Any]] = {
     "reusable": _flag, "ephemeral": _flag, "tags": _TAGS, "created": _time,
     "expires": _optional(_time), "revoked": _flag, "uses": _integer(0, MAX_COUNT), "user": _USER,
     "preauthorized": _flag, "description": _text(r"[A-Za-z0-9 _-]{0,50}", "up to 50 letters, digits, - _ or spaces"),
-    "tailnet_owned": _flag, "revoked_at": _optional(_time)}
+    "tailnet_owned": _flag, "revoked_at": _optional(_time), "proxy": _flag}
 STABLE_ID = r"n[A-Za-z0-9]{1,40}CNTRL"
 SCOPE = r"[a-z_]{1,40}(:[a-z_]{1,40}){0,2}"
 _CLIENT_FIELDS: dict[str, Callable[[Any], Any]] = {
@@ -398,7 +426,7 @@ _NODE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "key_expiry": _optional(_time), "disco_key": _text(f"|{DISCO_KEY}", "discokey:<64 hex> or empty"),
     "endpoints": _list_of(_text(), "strings"), "home_derp": _integer(0, 2**31 - 1),
     "hostinfo": _hostinfo, "last_seen": _optional(_time), "user": _USER, "caps": _optional(_caps),
-    "stable_id": _text(f"|{STABLE_ID}", "n<letters and digits>CNTRL")}
+    "stable_id": _text(f"|{STABLE_ID}", "n<letters and digits>CNTRL"), "proxy": _flag}
 
 
 def _record(cls: type, checks: dict[str, Callable[[Any], Any]], where: str, raw: Any) -> Any:
@@ -475,9 +503,12 @@ class Tailnet:
 
     def __init__(self, path: Path, *, domain: str = "tailnet.test",
                  now: Callable[[], float] = time.time,
-                 on_change: Callable[[str, Node], None] | None = None) -> None:
+                 on_change: Callable[[str, Node], None] | None = None,
+                 peers: str = PEERS_CLIENTS) -> None:
         self.path = path
         self.domain = domain
+        self.peers = peers  # the peers policy (PEER_POLICIES); set_peers changes it
+        peers_visible(peers, False, False)  # ValueError for an unknown one
         self.now = now
         self.on_change = on_change or (lambda kind, node: None)
         self.keys: dict[str, AuthKey] = {}
@@ -550,15 +581,31 @@ class Tailnet:
     def events_since(self, since: float = 0.0) -> list[dict[str, Any]]:
         return [e for e in self.events if e["t"] > since]
 
+    # -- the peers policy ----------------------------------------------------
+
+    def visible(self, viewer: Node, peer: Node) -> bool:
+        """Is `peer` in `viewer`'s netmap under the current policy (peers_visible)?"""
+        return peers_visible(self.peers, viewer.proxy, peer.proxy)
+
+    def set_peers(self, policy: Any) -> None:
+        """Change the peers policy (not kept in state.json: the supervisor's setting
+        `embedded_peers` gives it at each start). AdminError for an unknown policy."""
+        if policy not in PEER_POLICIES:
+            raise AdminError(f"unknown peers policy {_short(policy)}: want {' or '.join(PEER_POLICIES)}")
+        if policy != self.peers:
+            self.peers = policy
+            self.event("peers_set", peers=policy)
+
     # -- keys ----------------------------------------------------------------
 
     def create_key(self, *, reusable: bool = False, ephemeral: bool = False,
                    expiry: float | None = 90 * 86400.0, tags: list[str] | None = None,
                    user: str = "", preauthorized: bool = True, description: str = "",
-                   tailnet_owned: bool = False) -> tuple[AuthKey, str]:
+                   tailnet_owned: bool = False, proxy: bool = False) -> tuple[AuthKey, str]:
         """A new key and its secret; only the hash is kept. `expiry`: seconds from now
         (None: never). `user`: the login that owns the key's nodes ("" the default user);
-        a tagged key's nodes are owned by tagged-devices, so it takes no user.
+        a tagged key's nodes are owned by tagged-devices, so it takes no user. `proxy`:
+        its nodes are the supervisor's proxies (the peers policy).
         AdminError for a bad tag, user or expiry."""
         for t in tags or []:
             if not isinstance(t, str) or not re.fullmatch(TAG, t):
@@ -575,11 +622,11 @@ class Tailnet:
         now = self.now()
         key = AuthKey(kid, _hash_secret(secret), reusable, ephemeral, list(tags or []), now,
                       None if expiry is None else now + expiry, user=user, preauthorized=preauthorized,
-                      description=description, tailnet_owned=tailnet_owned)
+                      description=description, tailnet_owned=tailnet_owned, proxy=bool(proxy))
         self.keys[kid] = key
         self.save()
         self.event("key_created", key=kid, reusable=reusable, ephemeral=ephemeral, preauthorized=preauthorized,
-                   tags=list(tags or []), user=user)
+                   tags=list(tags or []), user=user, proxy=key.proxy)
         return key, secret
 
     def _new_id(self) -> str:
@@ -677,6 +724,7 @@ class Tailnet:
                 "addresses": [node.ipv4, node.ipv6], "node_key": node.node_key,
                 "key_id": node.key_id, "ephemeral": node.ephemeral, "tags": node.tags,
                 "user": self.owner(node), "caps": self.caps(node), "caps_inherited": node.caps is None,
+                "proxy": node.proxy,
                 "created": node.created, "key_expiry": node.key_expiry,
                 "expired": node.expired(self.now()), "online": online, "last_seen": node.last_seen}
 
@@ -753,10 +801,14 @@ class Tailnet:
     def admin_actor(self) -> Actor:
         return Actor("user", frozenset(), login=self.default_user)
 
-    def issue_admin_token(self) -> str:
-        """A fresh access token of the admin user, kept in memory only (gone at restart)."""
+    def issue_admin_token(self, proxy_keys: bool = False) -> str:
+        """A fresh access token of the admin user, kept in memory only (gone at restart).
+        `proxy_keys`: the keys it creates are the supervisor's proxies' (AuthKey.proxy)."""
         secret = f"tskey-api-{self._new_id()}-{secrets.token_hex(16)}"
-        self._grants[_hash_secret(secret)] = (self.admin_actor(), None)
+        actor = self.admin_actor()
+        if proxy_keys:
+            actor = Actor(actor.kind, actor.scopes, actor.tags, actor.client_id, actor.login, proxy_keys=True)
+        self._grants[_hash_secret(secret)] = (actor, None)
         return secret
 
     def create_oauth_client(self, scopes: list[str], tags: list[str]) -> tuple[OAuthClient, str]:
@@ -894,7 +946,7 @@ class Tailnet:
         # untagged keys are the admin user's (the only user with API tokens here)
         return self.create_key(reusable=reusable, ephemeral=ephemeral, expiry=expiry, tags=tags,
                                preauthorized=preauthorized, description=description,
-                               tailnet_owned=actor.kind == "oauth")
+                               tailnet_owned=actor.kind == "oauth", proxy=actor.proxy_keys)
 
     def api_key(self, actor: Actor, kid: str) -> AuthKey:
         """A key by id (any key of the tailnet); Refused 404 if there is none (deleted)."""
@@ -1073,7 +1125,7 @@ class Tailnet:
         node = Node(nid, node_key, machine_key, hostname, self._unique_name(hostname), v4, v6,
                     key.id, key.ephemeral, list(key.tags), now,
                     now + DEFAULT_NODE_KEY_LIFETIME, hostinfo=_slim_hostinfo(hostinfo),
-                    user="" if key.tags else key.user, stable_id=self._new_stable_id())
+                    user="" if key.tags else key.user, stable_id=self._new_stable_id(), proxy=key.proxy)
         self.nodes[nid] = node
         self.by_node_key[node_key] = node
         self.event("node_created", node=nid, hostname=node.name, key=key.id)
@@ -1086,6 +1138,7 @@ class Tailnet:
             self.by_node_key[node_key] = node
         node.key_expiry = now + DEFAULT_NODE_KEY_LIFETIME
         node.key_id = key.id
+        node.proxy = key.proxy  # the key of its latest login says what it is
 
     def map_node(self, node_key: str, machine_key: str) -> Node | None:
         """The node a map request is for; None means 404 `node not found` (§4b)."""

@@ -485,3 +485,74 @@ def test_rename_refuses_what_is_not_a_machine_name(net: Tailnet, name: Any) -> N
     with pytest.raises(tn.Refused) as e:
         net.api_rename(node, name)
     assert e.value.status == 400 and node.name == "old"
+
+
+# -- the peers policy: who sees whom ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy, viewer_is_proxy, peer_is_proxy, sees", [
+    (tn.PEERS_CLIENTS, False, False, True),   # clients see clients
+    (tn.PEERS_CLIENTS, False, True, True),    # a client sees every proxy (it may reach them)
+    (tn.PEERS_CLIENTS, True, False, True),    # so the proxy sees the client (peers are symmetric)
+    (tn.PEERS_CLIENTS, True, True, False),    # proxies do not see each other
+    (tn.PEERS_ALL, False, False, True),
+    (tn.PEERS_ALL, False, True, True),
+    (tn.PEERS_ALL, True, False, True),
+    (tn.PEERS_ALL, True, True, True),         # allow-all: everyone sees everyone
+])
+def test_peers_visible(policy: str, viewer_is_proxy: bool, peer_is_proxy: bool, sees: bool) -> None:
+    assert tn.peers_visible(policy, viewer_is_proxy, peer_is_proxy) is sees
+    assert tn.peers_visible(policy, peer_is_proxy, viewer_is_proxy) is sees  # symmetric
+
+
+@pytest.mark.parametrize("policy", ["", "none", "ALL", None, True])
+def test_unknown_peers_policy_is_refused(tmp_path: Path, net: Tailnet, policy: Any) -> None:
+    with pytest.raises(ValueError, match="unknown peers policy"):
+        tn.peers_visible(policy, True, True)
+    with pytest.raises(tn.AdminError, match="unknown peers policy"):
+        net.set_peers(policy)
+    with pytest.raises(ValueError, match="unknown peers policy"):
+        Tailnet(tmp_path / "other.json", peers=policy)
+
+
+@pytest.mark.parametrize("how, proxy", [
+    ("admin key", False),
+    ("admin key proxy=True", True),
+    ("the supervisor's API credential", True),   # ApiServer's in-process token: the fleet mints with it
+    ("an API token", False),                     # a user's token: the keys are a user's, not proxies'
+    ("an OAuth client", False),
+])
+def test_a_node_is_a_proxy_when_its_key_was_minted_for_one(net: Tailnet, how: str, proxy: bool) -> None:
+    if how.startswith("admin key"):
+        _, secret = net.create_key(proxy=how.endswith("True"))
+    else:
+        if how == "the supervisor's API credential":
+            actor = net.actor(net.issue_admin_token(proxy_keys=True))
+        elif how == "an API token":
+            actor = net.actor(net.create_api_token()[1])
+        else:
+            _, client_secret = net.create_oauth_client(["auth_keys"], ["tag:web"])
+            actor = net.actor(net.access_token(client_secret)[0])
+        _, secret = net.api_create_key(actor, reusable=False, ephemeral=False, preauthorized=True,
+                                       tags=["tag:web"], expiry_seconds=600, description="")
+    node = ok(net, nk(), secret)
+    assert node.proxy is proxy
+    assert net.public_node(node, False)["proxy"] is proxy
+
+
+def test_the_key_of_the_latest_login_says_what_a_node_is(tmp_path: Path, net: Tailnet) -> None:
+    _, client = net.create_key(reusable=True)
+    _, proxy = net.create_key(reusable=True, proxy=True)
+    key = nk()
+    node = ok(net, key, proxy, "p")
+    other = ok(net, nk(), proxy, "q")
+    assert node.proxy and not net.visible(node, other)
+    ok(net, key, client, "p")  # logs in again with a client's key
+    assert not node.proxy and net.visible(node, other) and net.visible(other, node)
+    reloaded = Tailnet(tmp_path / "state.json")
+    assert {n.name: n.proxy for n in reloaded.nodes.values()} == {"p": False, "q": True}
+    assert {k.proxy for k in reloaded.keys.values()} == {False, True}
+    net.set_peers(tn.PEERS_ALL)
+    ok(net, key, proxy, "p")
+    assert node.proxy and net.visible(node, other)
+    assert [e["peers"] for e in net.events if e["kind"] == "peers_set"] == ["all"]
