@@ -215,13 +215,29 @@ def _toml(raw: dict[str, Any]) -> str:
     return tomli_w.dumps(top) + "".join(f"\n[[serve]]\n{tomli_w.dumps(t)}" for t in tables)
 
 
+def _readable_like(file: Path, conf_dir: Path) -> None:
+    """Give a new proxy file the config dir's group and mode 0640, 0644 when the dir
+    lets others in (o+rx): whoever may list conf.d may read it, whatever the umask of
+    whoever ran `add` (root's `sudo` under umask 077 made it 0600, and the service user
+    could not read it). Never group- or world-writable (trust.py). A group we may not
+    give (not root, not a member) stays ours. Raises OSError."""
+    st = os.stat(conf_dir)
+    if os.stat(file).st_gid != st.st_gid:
+        try:
+            os.chown(file, -1, st.st_gid)
+        except PermissionError:
+            pass
+    os.chmod(file, 0o640 | (0o004 if st.st_mode & 0o005 == 0o005 else 0))
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     """Validate a proxy made from the flags, write conf.d/NAME.toml atomically,
     and ask a running supervisor to reload. One service (--target, with
     --serve/--port) or several (--service, repeated; [[serve]] tables, with
     --funnel PORT marking a port's services). Any bad flag, a taken file or
     hostname, or an unwritable config dir: one line each on stderr, exit 1
-    (exit 2 for flags that do not go together)."""
+    (exit 2 for flags that do not go together). The file is readable by whoever
+    may list conf.d (`_readable_like`): run as root, the service user reads it."""
     path = args.config_dir / f"{args.name}.toml"
     if bool(args.target) == bool(args.service):
         _err("give --target URL (one service) or --service PORT=MODE:TARGET[:PATH] (repeatable), "
@@ -283,8 +299,13 @@ def cmd_add(args: argparse.Namespace) -> int:
                "port": cfg.port, **raw}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        args.config_dir.mkdir(parents=True, exist_ok=True)
+        old = os.umask(0o022)  # a conf.d made here is 0755 (it holds no secret), whatever the umask
+        try:
+            args.config_dir.mkdir(parents=True, exist_ok=True)
+        finally:
+            os.umask(old)
         tmp.write_text(_toml(raw))
+        _readable_like(tmp, args.config_dir)
         os.link(tmp, path)  # whole, and never over a file someone wrote meanwhile
         tmp.unlink()
     except FileExistsError:

@@ -174,3 +174,44 @@ def test_hostile_socket_clients_cost_one_connection_each(sup, control, tmp_path)
     big = cli(sup, "stop", "x" * 70000)
     assert big.returncode == 2 and big.stderr.count("\n") == 1
     assert "Traceback" not in sup.text() and "exception" not in sup.text().lower()
+
+
+NOBODY = 65534  # uid, and gid nogroup: the service user here
+
+
+@pytest.mark.parametrize("dir_mode, group, want", [
+    (0o755, 0, 0o644),          # root's conf.d, open to all (the README's layout)
+    (0o750, NOBODY, 0o640),     # root:SERVICE-GROUP 0750: only the service's group may read
+    (None, 0, 0o644),           # no conf.d yet: add makes it 0755
+], ids=["root-0755", "group-0750", "new-dir"])
+def test_add_as_root_under_umask_077_writes_a_file_the_service_user_reads(dir_mode, group, want):
+    """The unit runs the service as its own user, but the operator runs `add` as root
+    (sudo, often under umask 077): the new file must still be readable by the service."""
+    import shutil
+    import stat
+    import tempfile
+    from pathlib import Path
+
+    from tests.supervisor_harness import ROOT
+    base = Path(tempfile.mkdtemp(prefix="ts-sup-add-"))  # in /tmp: uid 65534 can reach it
+    try:
+        base.chmod(0o755)
+        conf = base / "conf.d"
+        if dir_mode is not None:
+            conf.mkdir()
+            os.chown(conf, 0, group)
+            conf.chmod(dir_mode)
+        out = subprocess.run([sys.executable, "-m", "supervisor", "add", "web", "--target",
+                              "http://127.0.0.1:8080", "--login-server", "embedded",
+                              "--config-dir", str(conf), "--data-dir", str(base / "data")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60,
+                             preexec_fn=lambda: os.umask(0o077))
+        assert out.returncode == 0, out.stderr
+        st = (conf / "web.toml").stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (want, group)
+        assert stat.S_IMODE(conf.stat().st_mode) == (dir_mode or 0o755)
+        read = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                               "--", "cat", str(conf / "web.toml")], capture_output=True, text=True)
+        assert read.returncode == 0 and 'hostname = "web"' in read.stdout, read.stderr
+    finally:
+        shutil.rmtree(base)
