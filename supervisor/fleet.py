@@ -126,8 +126,6 @@ class Fleet:
     async def login_key(self, cfg: ProxyConfig, expiry_seconds: int) -> credentials.LoginKey:
         """The key for one login of `cfg`: its plain auth key, or one minted
         through its API client (credentials.obtain). Raises KeyUnavailable."""
-        if cfg.embedded:  # a login here means fresh state: the old node, if any, is stale
-            self.control.forget_offline(cfg.hostname)
         try:
             api = self.api(cfg)
         except ValueError as e:  # tsapi refuses the base or the secret

@@ -172,7 +172,7 @@ class Notifier:
             except Exception as e:  # a fault of ours (say, in payload): it costs this delivery only
                 why = f"could not send: {type(e).__name__}"
             if why is not None:
-                self.note("webhook_failed", redact(f"webhook #{n}: gave up on {ev.proxy} {ev.state}: "
+                self.note("webhook_failed", redact(f"webhook #{n}: gave up on {ev.proxy} {ev.state or ev.kind}: "
                                                    f"{why}").replace("\n", " ")[:300])
 
     async def _send(self, hook: Webhook, ev: Event) -> str | None:

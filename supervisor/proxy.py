@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import os
 import shutil
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import credentials, paths, policy, procs, statefile, upstream
+from supervisor import identity, tsapi
 from supervisor import reconcile as rc
 from supervisor import tailscale as ts
 from supervisor.config import ProxyConfig, Settings
@@ -156,6 +156,9 @@ class Launch:
     logged_in: bool = False  # a `tailscale up` of this launch succeeded
     config_changed: bool = False  # the desired serve set changed: the next difference is ours, not drift
     reprobe: asyncio.Event = field(default_factory=asyncio.Event)  # probe the upstreams now
+    identity_checked: bool = False  # the old device was dealt with before this launch's first login
+    identity_task: asyncio.Task | None = None  # identity.keep for a new node (_keep_identity)
+    identity_done: bool = False  # that has said its outcome: node.json may name the new node
 
 
 def wipe_statedir(statedir: Path) -> None:
@@ -191,6 +194,7 @@ class Proxy:
         self.recoveries = 0
         self.observed: ts.Observed | None = None
         self.upstream: str | None = None  # the last probe of the target (upstream.probe)
+        self._record = identity.read_record(self.dir / identity.RECORD_NAME)  # who the node was
         self._restart_times: deque[float] = deque()
         self._os_errors = 0
         self._inbox: asyncio.Queue[tuple[int | None, Signal, str, float]] = asyncio.Queue()
@@ -618,6 +622,7 @@ class Proxy:
                     return
                 # fresh or logged-out statedir, or the re-login of an expired key (again, if it
                 # did not take: the recovery's deadline bounds it)
+                await self._before_new_node(L)  # the old device goes first (identity.py)
                 self._start_login(L, with_key=True, logged_out=obs.logged_out)
             elif st is ts.BackendState.STOPPED:
                 self._start_login(L, with_key=False)  # logged in, just not wanted up
@@ -670,7 +675,7 @@ class Proxy:
             if L.serve_error:
                 L.serve_error = ""
             self.post(L, Verdict(Signal.RUNNING, ", ".join(obs.tailscale_ips)))
-            await asyncio.to_thread(self._remember, obs)
+            await asyncio.to_thread(self._remember, obs, self._settled_record(L, obs))
             return
         reasons = [f"{s.describe()}: {why}" for s, why in sorted(refused.items())]
         reasons += [d.reason for d in diffs if not (d.kind is rc.Kind.SERVE and refused
@@ -679,21 +684,101 @@ class Proxy:
             reasons.append(L.serve_error)
         self.post(L, Verdict(Signal.DEGRADED, policy.whole("; ".join(reasons))))
 
-    def _remember(self, obs: ts.Observed) -> None:
+    def _remember(self, obs: ts.Observed, record: identity.Record | None) -> None:
         """While serving: keep a copy of good state (whenever it changed) and
-        record who the node is (node.json: ID, DNS name, IPs), outside the
-        state dir, for a recovery that must keep the node's identity."""
+        record who the node is (node.json, identity.Record), outside the state
+        dir, for a recovery that must keep the node's identity. `record` None:
+        not now (a new node's identity steps are still under way)."""
         try:
             statefile.keep_copy(self.statedir, self.dir / statefile.COPY_NAME)
-            record = {"node_id": obs.node_id, "dns_name": obs.dns_name,
-                      "tailscale_ips": list(obs.tailscale_ips), "hostname": obs.hostname}
-            path = self.dir / "node.json"
-            if not path.exists() or json.loads(path.read_text() or "{}") != record:
-                tmp = path.with_name("node.json.new")
-                tmp.write_text(json.dumps(record))
-                os.replace(tmp, path)
-        except (OSError, ValueError):
+            if record is not None:
+                identity.write_record(self.dir / identity.RECORD_NAME, record)
+        except OSError:
             pass  # a full disk costs the copy, never the proxy
+
+    # -- identity: a new node keeps the old one's name and IP (identity.py) ------------
+
+    def _api(self) -> tuple[Any, str | None]:
+        """(the proxy's tsapi.Client or None, why there is none)."""
+        try:
+            api = self.ctx.api(self.cfg)
+        except ValueError as e:  # tsapi refuses the base or the secret
+            return None, redact(f"cannot use the API credential: {e}")
+        return api, None if api is not None else "no API credential; the name may carry -1"
+
+    def _settled_record(self, L: Launch, obs: ts.Observed) -> identity.Record | None:
+        """The record to write for the running node `obs`; None while it replaces the
+        recorded node and the identity steps (started here, once a launch) are under way."""
+        if not obs.node_id:
+            return None
+        new = identity.Record.of(obs, control_url=self.desired().control_url, embedded=self.cfg.embedded)
+        old = self._record
+        if old is None or old.node_id == new.node_id or self.cfg.ephemeral or L.identity_done:
+            self._record = new
+            return new
+        if L.identity_task is None and L.tg is not None:
+            L.identity_task = L.tg.create_task(self._keep_identity(L, old, obs))
+        return None
+
+    async def _before_new_node(self, L: Launch) -> None:
+        """Before the first login of a launch whose state dir never logged in (a wipe, a
+        fresh dir) on the control the recorded node is on: delete that node once it is
+        offline, waiting at most half of what is left of the start deadline. Each
+        outcome is an `identity_step` line; problems are left to the outcome."""
+        if L.identity_checked:
+            return
+        L.identity_checked = True
+        old = self._record
+        if old is None or self.cfg.ephemeral:
+            return
+        if not await asyncio.to_thread(identity.state_never_logged_in, self.statedir):
+            return  # the same node logs in again: never delete it
+        api, why = self._api()
+        if identity.skip_reason(old, control_url=self.desired().control_url, embedded=self.cfg.embedded,
+                                api_problem=why) is not None:
+            return  # said once the new node runs
+        wait = identity.offline_wait(time.monotonic(), self._deadline)
+        self.reason = f"deleting the old device {old.node_id} (once offline) before the new login"
+        try:
+            result = await identity.delete_when_offline(api, old.node_id, wait)
+        except Exception as e:  # tsapi.APIError; anything else is a bug, same outcome: log in anyway
+            self._note("identity_step", redact(f"old device not deleted before the login: "
+                                               f"{e if isinstance(e, tsapi.APIError) else repr(e)}"))
+            return
+        self._note("identity_step", identity.describe_delete(result, old, before_login=True))
+
+    async def _keep_identity(self, L: Launch, old: identity.Record, obs: ts.Observed) -> None:
+        """A new node runs in place of the recorded one: the identity steps, then one
+        `identity` event with the outcome (also to webhooks), then node.json names
+        the new node."""
+        cfg = self.cfg
+        want_name = identity.target_name(old, cfg.hostname)
+        api, why = self._api()
+        skip = identity.skip_reason(old, control_url=self.desired().control_url, embedded=cfg.embedded,
+                                    api_problem=why)
+        try:
+            if skip is not None:
+                line = identity.outcome(name=obs.dns_name.split(".", 1)[0],
+                                        ipv4=identity.ipv4_of(obs.tailscale_ips),
+                                        want_name=want_name, want_ipv4=old.ipv4, problems=[skip],
+                                        skipped=True)
+            else:
+                local = ts.LocalAPI(self.socket)
+                line = await identity.keep(api, old, obs, want_name=want_name,
+                                           wait=identity.offline_wait(0.0, self.ctx.settings.start_timeout),
+                                           observe=local.observe,
+                                           step=lambda text: self._note("identity_step", text))
+        except Exception as e:  # a bug costs the steps, never the proxy
+            line = f"identity not kept: {e!r}"
+        self._note("identity", redact(line))
+        L.identity_done = True
+        L.dirty.set()  # observe again: status shows the new name and address (a netmap alone does not wake it)
+        try:  # node.json names the new node from now on: a wipe right after must find it
+            now = await ts.LocalAPI(self.socket).observe()
+        except (OSError, ts.LocalAPIError, asyncio.IncompleteReadError):
+            return  # the next observation records it
+        if now.backend_state is ts.BackendState.RUNNING and now.tailscale_ips:
+            await asyncio.to_thread(self._remember, now, self._settled_record(L, now))
 
     async def _apply_serve(self, L: Launch, services: frozenset[ts.Service]) -> str | None:
         """The serve config as one unit: reset, then one `tailscale serve --bg`

@@ -94,8 +94,9 @@ def test_webhook_fires_on_recovery_and_return_with_a_retry(sup, control, tmp_pat
     control.admin("delete_node", id=control.node_named("app")["id"])
     sup.wait_state("app", "recovering", 10, after=n)
     sup.wait_state("app", "running", 30, after=n)
-    wait_for(lambda: [b["state"] for b in receiver.bodies()][-2:] == ["recovering", "running"], 20,
-             "recovering and running delivered")
+    # and the note of what the recovery kept (no API credential here: nothing)
+    wait_for(lambda: [b["state"] or b["event"] for b in receiver.bodies()][-3:]
+             == ["recovering", "running", "identity"], 20, "recovering, running and identity delivered")
     states = [b["state"] for b in receiver.bodies()]
     assert states[0] == "recovering" and states.count("recovering") == 2  # the 500, then the retry
     assert receiver.bodies()[-1]["proxy"] == "app"

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.harness import wait_for
 from tests.test_supervisor import run_proxy
 
 pytestmark = pytest.mark.real
@@ -49,6 +50,7 @@ def test_a_zero_byte_state_alone_is_restored_from_the_copy_kept_while_running(su
     run_proxy(sup, control, tmp_path, "app", reusable=True)
     before = _identity(sup, control)
     copy = sup.data_dir / "proxies" / "app" / "tailscaled.state.good"
+    wait_for(copy.exists, 10, "the copy kept once running")  # taken just after the `running` event
     assert copy.stat().st_mode & 0o777 == 0o600  # private keys: the state dir's protection
     assert sup.stop() == 0
     (sup.data_dir / "proxies" / "app" / "state" / "tailscaled.state").write_bytes(b"")

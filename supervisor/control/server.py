@@ -264,16 +264,6 @@ class ControlServer:
         server and kept in memory only (never in endpoint.json or any file)."""
         return self.api.credential()
 
-    def forget_offline(self, hostname: str) -> list[int]:
-        """Remove offline nodes of this hostname before it logs in afresh, so the
-        new node keeps the name (no `-1`): the supervisor's proxy whose state was
-        wiped is their only owner."""
-        gone = [n.id for n in self.tailnet.nodes.values()
-                if n.hostname == hostname and not self.online(n.id)]
-        for nid in gone:
-            self.tailnet.delete_node(nid, reason="node_replaced")
-        return gone
-
     def online(self, node_id: int) -> bool:
         return bool(self._streams.get(node_id))
 
