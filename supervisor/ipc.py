@@ -20,6 +20,7 @@ from supervisor import paths
 from supervisor.events import redact_json
 
 SOCKET_NAME = "supervisor.sock"
+RECORD_NAME = "ipc.json"  # {"socket": PATH}: where the socket is when DATA/supervisor.sock is too long
 MAX_REQUEST = 64 << 10   # bytes, newline included
 MAX_ANSWER = 16 << 20    # bytes the client reads before it gives up on an answer
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -57,12 +58,20 @@ class IPCServer:
                                                            limit=MAX_REQUEST)
         finally:
             os.umask(old)
+        record = self.data_dir / RECORD_NAME
+        if self.path.parent == self.data_dir:
+            record.unlink(missing_ok=True)
+        else:  # the runtime dir depends on our uid and environment: say where it is
+            tmp = record.with_name(f".{RECORD_NAME}.tmp")
+            tmp.write_text(json.dumps({"socket": str(self.path), "pid": os.getpid()}))
+            tmp.replace(record)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
         self.path.unlink(missing_ok=True)
+        (self.data_dir / RECORD_NAME).unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection: read one line, write one answer line, close. Never raises
@@ -112,6 +121,24 @@ class IPCServer:
         return answer
 
 
+def socket_for(data_dir: Path) -> Path:
+    """The running supervisor's socket as a CLI finds it: DATA/supervisor.sock when that
+    fits in a socket address; else the path the supervisor recorded in DATA/ipc.json,
+    if a socket there belongs to the data dir's owner (the runtime dir depends on the
+    user and environment: root's `status` would look in /run/ts-supervisor-H for a
+    service that listens in /tmp/ts-supervisor-UID-H); else this user's runtime dir."""
+    path = paths.supervisor_socket(data_dir)
+    if path.parent == data_dir:
+        return path
+    try:
+        recorded = Path(json.loads((data_dir / RECORD_NAME).read_text())["socket"])
+        if os.lstat(recorded).st_uid == os.stat(data_dir).st_uid and paths.fits(recorded):
+            return recorded
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return path
+
+
 def call(data_dir: Path, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
     """Blocking client for the CLI: send {"cmd": cmd, **args}, return the answer object.
 
@@ -119,7 +146,7 @@ def call(data_dir: Path, cmd: str, timeout: float = 10.0, **args: Any) -> dict[s
     not ours, and IPCError (one line) for a request that cannot be sent or an
     answer that is missing, late, over MAX_ANSWER bytes, or not a JSON object.
     """
-    path = paths.supervisor_socket(data_dir)
+    path = socket_for(data_dir)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:

@@ -35,16 +35,26 @@ def fits(path: Path) -> bool:
 
 def runtime_dir(data_dir: Path) -> Path:
     """A short directory private to this user and data dir:
-    $XDG_RUNTIME_DIR/ts-supervisor-H, else /run/ts-supervisor-H for root, else
-    /tmp/ts-supervisor-UID-H (H: 8 hex of the data dir's absolute path).
-    Not created here: see ensure_runtime_dir()."""
+    $XDG_RUNTIME_DIR/ts-supervisor-H (if this user owns it: setpriv and su pass on
+    root's), else /run/ts-supervisor-H for root, else /tmp/ts-supervisor-UID-H
+    (H: 8 hex of the data dir's absolute path). It depends on the user and the
+    environment, so a CLI run by another user finds the supervisor's socket through
+    what the supervisor recorded (ipc.socket_for). Not created here: see
+    ensure_runtime_dir()."""
     h = hashlib.sha256(os.fsencode(str(data_dir.absolute()))).hexdigest()[:8]
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and len(xdg) <= 40 and os.path.isabs(xdg):
+    if xdg and len(xdg) <= 40 and os.path.isabs(xdg) and _owned(xdg):
         return Path(xdg) / f"ts-supervisor-{h}"
     if os.geteuid() == 0:
         return Path("/run") / f"ts-supervisor-{h}"
     return Path("/tmp") / f"ts-supervisor-{os.geteuid()}-{h}"
+
+
+def _owned(path: str) -> bool:
+    try:
+        return os.stat(path).st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def ensure_runtime_dir(data_dir: Path) -> Path:

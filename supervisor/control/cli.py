@@ -59,7 +59,13 @@ class AdminClient:
                                   f"running; nothing was sent (start it: ts-supervisor run, or "
                                   f"ts-supervisor control serve)")
         from supervisor.control.server import admin_socket_path  # h2 & co. only when used
-        client = cls(admin_socket_path(data_dir), pid, public_key)
+        # The control's own record of its socket: when the control dir is too long for a
+        # socket address the socket is in a runtime dir that depends on the control's uid
+        # and environment (root's CLI would look in /run, a service listens in /tmp). Safe
+        # to follow: nothing is sent before the peer is proven to be `pid` (_connect).
+        recorded = info.get("admin_socket")
+        client = cls(Path(recorded) if isinstance(recorded, str) and recorded else
+                     admin_socket_path(data_dir), pid, public_key)
         who = client.call("GET", "control")
         if who.get("public_key") != public_key or who.get("pid") != pid:
             raise ConnectionError(f"the control answering on {client.socket_path} is not the one "

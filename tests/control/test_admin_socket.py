@@ -95,6 +95,27 @@ def test_a_control_dir_too_long_for_a_socket_address_still_gets_its_admin_socket
     run(cdir, body)
 
 
+def test_a_cli_in_another_environment_finds_the_admin_socket_the_control_recorded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtime dir of a too-long control dir depends on the user and environment
+    (here the control's XDG_RUNTIME_DIR): root's `ts-supervisor control ...` computes
+    another one, so it follows endpoint.json's admin_socket, once its peer is the pid."""
+    cdir = tmp_path / ("c" * (110 - len(str(tmp_path))))
+    xdg = tempfile.mkdtemp(prefix="xdg-", dir="/tmp")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", xdg)
+
+    async def body(srv: ControlServer) -> None:
+        assert str(admin_socket_path(cdir)).startswith(xdg + "/")
+        with monkeypatch.context() as m:
+            m.delenv("XDG_RUNTIME_DIR")
+            client = await asyncio.to_thread(AdminClient.from_data_dir, cdir)
+        assert client.url == srv.url and str(client.socket_path).startswith(xdg + "/")
+    try:
+        run(cdir, body)
+    finally:
+        shutil.rmtree(xdg, ignore_errors=True)
+
+
 def test_a_second_control_on_the_same_dir_is_refused_in_one_line(tmp_path: Path) -> None:
     async def body(srv: ControlServer) -> None:
         other = ControlServer(srv.data_dir)

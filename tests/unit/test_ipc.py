@@ -206,3 +206,67 @@ def test_the_client_turns_a_bad_answer_into_one_clear_error(tmp_path, answer, er
     finally:
         fake.stop.set()
         fake.sock.close()
+
+
+# -- a CLI in another environment or as another user finds the socket ----------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+
+
+@pytest.fixture
+def short_xdg(monkeypatch):
+    """A short XDG_RUNTIME_DIR of this user, set for what starts now."""
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="xdg-", dir="/tmp")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def long_data_dir(tmp_path):
+    d = tmp_path / ("d" * max(1, 110 - len(str(tmp_path))))
+    d.mkdir()
+    return d
+
+
+def test_a_cli_whose_runtime_dir_differs_finds_the_socket_the_supervisor_recorded(
+        tmp_path, short_xdg, monkeypatch):
+    """A data dir too long for a socket address puts the socket in a runtime dir that
+    depends on the user and environment: the service's (here: its XDG_RUNTIME_DIR) is
+    not the one root's `status` computes (/run/ts-supervisor-H)."""
+    data = long_data_dir(tmp_path)
+    r = Running(data)
+    try:
+        assert str(ipc.socket_for(data)).startswith(short_xdg + "/")
+        with monkeypatch.context() as m:
+            m.delenv("XDG_RUNTIME_DIR")  # another environment: another runtime dir
+            assert ipc.call(data, "status")["ok"] is True
+    finally:
+        r.stop()
+    assert not (data / ipc.RECORD_NAME).exists()  # gone with the socket
+
+
+@needs_root
+def test_a_recorded_socket_of_another_user_is_not_followed(tmp_path, short_xdg, monkeypatch):
+    data = long_data_dir(tmp_path)
+    r = Running(data)
+    try:
+        recorded = ipc.socket_for(data)
+        os.chown(recorded, 65534, 65534)  # not the data dir's owner
+        with monkeypatch.context() as m:
+            m.delenv("XDG_RUNTIME_DIR")
+            assert ipc.socket_for(data) != recorded
+            with pytest.raises(ipc.NotRunning):
+                ipc.call(data, "status")
+    finally:
+        r.stop()
+
+
+@needs_root
+def test_an_xdg_runtime_dir_of_another_user_is_not_used(tmp_path, short_xdg):
+    """setpriv and su keep root's environment: the service user cannot use root's
+    XDG_RUNTIME_DIR, and failed to start its IPC socket there."""
+    from supervisor import paths
+    os.chown(short_xdg, 65534, 65534)
+    assert not paths.runtime_dir(tmp_path).is_relative_to(short_xdg)
