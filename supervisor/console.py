@@ -1,10 +1,14 @@
 """The console: a live rich table of every proxy, or one line per event.
 
 `render()` is a pure function of frozen snapshots (rich's Live examples) and
-of the operator's UI state (selection, open panel, footer message, pending
-confirmation), so it is tested on a capturing Console and costs the same
-whoever calls it. The live view redraws when an event arrives or a key is
-pressed; a slow tick only refreshes uptime, CPU/RSS and key-expiry figures.
+of the operator's UI state (selection, view position, open panel, footer
+message, pending confirmation), so it is tested on a capturing Console and
+costs the same whoever calls it. The live view draws only the rows that fit
+the terminal (200 proxies stay readable, and a frame lays out only those
+rows); the selection scrolls it. It redraws when an event arrives or a key
+is pressed; a slow tick only refreshes uptime and key-expiry figures. CPU
+and memory (PSS) come sampled in the snapshots (supervisor.memory), never
+read when drawing.
 
 Keys are read without threads: the TTY goes to cbreak mode for the life of
 the view (restored in a `finally`), the event loop calls us when stdin is
@@ -16,21 +20,23 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import io
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-import psutil
 from rich import box
 from rich.cells import cell_len
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, Group
 from rich.live import Live
 from rich.panel import Panel
+from rich.segment import Segment
+from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
@@ -42,7 +48,7 @@ STATE_STYLE = {
     "running": "bold green", "starting": "cyan", "recovering": "bold yellow",
     "backoff": "magenta", "failed": "bold red", "stopped": "dim",
 }
-TICK = 2.0  # seconds; only for uptime, resource and key-expiry columns
+TICK = 2.0  # seconds; only for the uptime and key-expiry columns
 KEY_WARN = 7 * 86400  # node keys closer than this to expiry are shown as a warning
 PANEL_LINES = 200  # at most this many log or event lines are ever read for the panel
 
@@ -100,9 +106,6 @@ def key_cell(s: ProxySnapshot, now: float) -> Text:
     return cell
 
 
-Usage = Mapping[str, tuple[float, int]]  # proxy name -> (CPU %, RSS bytes)
-
-
 # -- the operator's side: UI state, keys, and what a key does -------------------------
 
 
@@ -115,10 +118,12 @@ class UIState:
     panel_proxy: str | None = None
     message: str = ""            # the last action's result, in the footer
     confirm: str | None = None   # a proxy awaiting y/N before a forced recovery
+    top: int = 0                 # the view position: the first row drawn (the last frame's Window.first)
+    page: int = 0                # rows the last frame showed: what PgUp/PgDn move by (0: 10)
 
 
 KEYMAP = {"k": "up", "j": "down", "r": "restart", "s": "stop", "S": "start", "t": "start",
-          "l": "log", "e": "events", "R": "recover", "q": "quit",
+          "l": "log", "e": "events", "R": "recover", "q": "quit", "n": "next",
           "\r": "enter", "\n": "enter", " ": "space"}
 ESCAPES = {"[A": "up", "[B": "down", "[C": "right", "[D": "left", "OA": "up", "OB": "down",
            "OC": "right", "OD": "left", "[H": "home", "[F": "end", "OH": "home", "OF": "end",
@@ -179,9 +184,12 @@ class KeyParser:
 Command = tuple[str, str]  # (verb, proxy name): restart | stop | start | recover | quit
 
 
-def on_key(ui: UIState, key: str, names: Sequence[str]) -> tuple[UIState, Command | None]:
+def on_key(ui: UIState, key: str, names: Sequence[str],
+           attention: Collection[str] = ()) -> tuple[UIState, Command | None]:
     """What one key does, as a pure function: the new UI state and at most one
-    command for the fleet. An open panel or a pending confirmation takes the
+    command for the fleet. `names` are the rows in order, `attention` those
+    needing attention (needs_attention): `next` selects the next of them after
+    the selection, wrapping. An open panel or a pending confirmation takes the
     next key whatever it is, so closing a panel can never restart or quit."""
     if ui.confirm is not None:
         name = ui.confirm
@@ -197,9 +205,17 @@ def on_key(ui: UIState, key: str, names: Sequence[str]) -> tuple[UIState, Comman
         if not names:
             return ui, None
         i = names.index(selected)
+        page = ui.page or 10
         i = {"up": i - 1, "down": i + 1, "home": 0, "end": len(names) - 1,
-             "pageup": i - 10, "pagedown": i + 10}[key]
+             "pageup": i - page, "pagedown": i + page}[key]
         return replace(ui, selected=names[max(0, min(len(names) - 1, i))]), None
+    if key == "next":
+        if not names:
+            return ui, None
+        i = names.index(selected)
+        after = [n for n in names[i + 1:] + names[:i + 1] if n in attention]
+        return (replace(ui, selected=after[0]) if after
+                else replace(ui, message="no proxy needs attention")), None
     if key == "quit":
         return replace(ui, message="stopping every proxy…"), ("quit", "")
     if selected is None:
@@ -216,12 +232,12 @@ def on_key(ui: UIState, key: str, names: Sequence[str]) -> tuple[UIState, Comman
 # -- rendering -----------------------------------------------------------------------------
 
 
-WIDE = 130  # below this (or if they do not fit), facts share cells; below MEDIUM, pid and CPU/RSS give way
+WIDE = 130  # below this (or if they do not fit), facts share cells; below MEDIUM, pid and CPU/PSS give way
 MEDIUM = 96
 TARGET_WIDE, TARGET_NARROW = 28, 21  # the target column's most columns in each layout
 NAME_WIDE = 30  # the name column's most columns in the wide layout
 ERROR_MIN = 24  # the wide layout is used only if the last error gets at least this much
-WIDE_HEADERS = ("proxy / DNS name", "state", "tailnet IP", "target", "pid", "cpu rss", "up", "rst/rec", "key")
+WIDE_HEADERS = ("proxy / DNS name", "state", "tailnet IP", "target", "pid", "cpu pss", "up", "rst/rec", "key")
 
 
 def footer(ui: UIState) -> Group:
@@ -283,31 +299,49 @@ def _wide_fits(rows: Sequence[tuple], width: int) -> bool:
     return needed - 1 + ERROR_MIN + 1 + (columns - 1) + 2 <= width
 
 
-def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: float | None = None,
-           errors: Sequence[str] = (), width: int = 200, ui: UIState | None = None,
-           panel_lines: Sequence[str] = ()) -> Group:
-    """The table (plus config errors under it) for a moment in time; with `ui`
-    (the interactive console) also the selection, the log/event panel with
-    `panel_lines`, and the footer of keys.
+def needs_attention(s: ProxySnapshot) -> bool:
+    """A row a NAS owner must look at: a proxy neither `running` nor stopped on
+    purpose, or one whose upstream probe fails."""
+    return s.state not in ("running", "stopped") or (s.upstream is not None and s.upstream != "ok")
 
-    Borderless, with related facts sharing a cell, so an 80-column SSH session
-    still shows every proxy's state, address, target, last error and a failing
-    upstream. From WIDE columns, every fact has its own column when they all
-    fit beside a readable last error; otherwise the medium layout is used."""
-    now = time.time() if now is None else now
-    usage = usage or {}
-    rows = []  # per proxy, the wide layout's fixed cells as plain text
-    for s in snaps:
-        cpu, rss = usage.get(s.name, (None, None))
-        ip4 = next((ip for ip in s.tailscale_ips if ":" not in ip), s.tailscale_ips[0] if s.tailscale_ips else "")
-        label = s.dns_name or (s.hostname if s.hostname != s.name else "")
-        rows.append((s.name + (f"\n{label}" if label else ""), s.state, ip4 or "-",
-                     target_cell(s, TARGET_WIDE).plain, str(s.pid) if s.pid else "-",
-                     f"{cpu:.1f}% {human_bytes(rss)}" if cpu is not None and rss and s.pid else "-",
-                     human_duration(now - s.running_since) if s.running_since else "-",
-                     f"{s.restarts}/{s.recoveries}", key_cell(s, now).plain))
-    wide = width >= WIDE and _wide_fits(rows, width)
-    medium = not wide and width >= MEDIUM
+
+def attention_first(snaps: Sequence[ProxySnapshot]) -> list[ProxySnapshot]:
+    """The rows needing attention first, each group in its given (name) order:
+    for a view that cannot scroll, so trouble is never below the screen."""
+    return sorted(snaps, key=lambda s: not needs_attention(s))
+
+
+def resource_cell(s: ProxySnapshot) -> str:
+    """CPU (% of one core over the last sample period) and PSS of the proxy's
+    children at the last sample (supervisor.memory), "-" before one; RSS
+    only where the kernel would not give PSS."""
+    m = s.memory
+    if m is None or not m.children:
+        return "-"
+    cpu = f"{m.cpu:.1f}% " if m.cpu is not None else ""
+    return cpu + human_bytes(m.pss if m.pss is not None else m.rss)
+
+
+def _plain_row(s: ProxySnapshot, now: float) -> tuple[str, ...]:
+    """The wide layout's fixed cells as plain text (what column widths are made of)."""
+    ip4 = next((ip for ip in s.tailscale_ips if ":" not in ip), s.tailscale_ips[0] if s.tailscale_ips else "")
+    label = s.dns_name or (s.hostname if s.hostname != s.name else "")
+    return (s.name + (f"\n{label}" if label else ""), s.state, ip4 or "-",
+            target_cell(s, TARGET_WIDE).plain, str(s.pid) if s.pid else "-", resource_cell(s),
+            human_duration(now - s.running_since) if s.running_since else "-",
+            f"{s.restarts}/{s.recoveries}", key_cell(s, now).plain)
+
+
+def _min_lines(s: ProxySnapshot, row: tuple[str, ...], wide: bool) -> int:
+    """The fewest lines the row can take (its cells' own line breaks; the error
+    may wrap to more): what choosing candidate rows before drawing them needs."""
+    extras = (upstream_problem(s) is not None) + (credential_problem(s) is not None)
+    why = bool(s.reason if s.reason and s.state not in ("running", "stopped") else s.last_error)
+    cells = max(row[0].count("\n"), row[8].count("\n")) + 1
+    return max(cells, extras + 1 if wide else 1 + why + extras, 1 if wide else 2)
+
+
+def _table(wide: bool, medium: bool) -> Table:
     t = Table(title="ts-supervisor", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
               padding=(0, 1), expand=False)
     t.add_column(WIDE_HEADERS[0], no_wrap=True, max_width=NAME_WIDE if wide else 26 if medium else 22)
@@ -322,55 +356,205 @@ def render(snaps: Sequence[ProxySnapshot], usage: Usage | None = None, now: floa
         t.add_column("state / error", overflow="fold", ratio=1)
         t.add_column("tailnet IP / target", no_wrap=True, max_width=TARGET_NARROW)
         if medium:
-            t.add_column("pid / cpu rss", justify="right", no_wrap=True)
+            t.add_column("pid / cpu pss", justify="right", no_wrap=True)
         t.add_column("up r/r", justify="right", no_wrap=True)
         t.add_column("key", justify="right", no_wrap=True)
+    return t
+
+
+def _add_row(t: Table, s: ProxySnapshot, row: tuple[str, ...], now: float, wide: bool, medium: bool,
+             style: Style | str | None) -> None:
+    _, _, ip4, _, pid, res, up, counts, _ = row
+    name = Text(s.name, style="bold")
+    label = s.dns_name or (s.hostname if s.hostname != s.name else "")
+    if label:
+        name.append(f"\n{label}", style="dim")
+    target = target_cell(s, TARGET_WIDE if wide else TARGET_NARROW)
+    problem = upstream_problem(s)  # under the last error: a reason, never a state
+    warning = credential_problem(s)  # likewise
+    state = Text(s.state, style=STATE_STYLE.get(s.state, ""))
+    error_style = "red" if s.state == "failed" else "dim"
+    # while not running, why not (the reason) says more than the last error
+    why = s.reason if s.reason and s.state not in ("running", "stopped") else s.last_error
+    key = key_cell(s, now)
+    if wide:
+        error = Text(redact(why), style=error_style)
+        for extra in (problem, warning):
+            if extra:
+                error.append("\n" if error.plain else "").append_text(extra)
+        t.add_row(name, state, ip4, target, pid, res, up, counts, key, error, style=style)
+    else:
+        if why:
+            state.append(f"\n{redact(why)}", style=error_style)
+        for extra in (problem, warning):
+            if extra:
+                state.append("\n").append_text(extra)
+        target.stylize("dim")
+        cells = [name, state, Text(ip4).append("\n").append_text(target)]
+        if medium:
+            cells.append(f"{s.pid or '-'}\n{res}")
+        t.add_row(*cells, f"{up}\n{counts}", key, style=style)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which rows a frame shows: rows[first:first + shown] of `total`."""
+
+    first: int
+    shown: int
+    total: int
+
+
+HEAD_GUESS = 3  # title, header and rule: the fewest lines the table takes above its rows
+
+
+def window(heights: Sequence[int], room: int, top: int, selected: int | None) -> tuple[int, int]:
+    """The rows [first, end) to show in `room` lines, given each row's height
+    in lines (pure). From `top` down; the selected row is always shown (when
+    it is above `top` the window starts at it, when below, it ends at it);
+    at the end of the list the window is pulled up to fill the room, so
+    scrolling clamps at both ends. At least one row, even if it does not fit."""
+    n = len(heights)
+    if n == 0:
+        return 0, 0
+    top = max(0, min(top, n - 1))
+    if selected is not None and selected < top:
+        top = selected
+    end, used = top, 0
+    while end < n and (end == top or used + heights[end] <= room):
+        used += heights[end]
+        end += 1
+    if selected is not None and selected >= end:  # below the window: it becomes the last row shown
+        first, used = selected, heights[selected]
+        while first > 0 and used + heights[first - 1] <= room:
+            first -= 1
+            used += heights[first]
+        return first, selected + 1
+    first = top
+    if end == n:  # scrolled to the end: no empty room below the last row
+        while first > 0 and used + heights[first - 1] <= room:
+            first -= 1
+            used += heights[first]
+    return first, end
+
+
+class _Lines:
+    """Lines already rendered (lists of Segments), printed as they are."""
+
+    def __init__(self, lines: Sequence[Sequence[Segment]]) -> None:
+        self.lines = lines
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions):
+        for line in self.lines:
+            yield from line
+            yield Segment.line()
+
+
+def rows_line(win: Window, attention: Sequence[int]) -> Text:
+    """'rows 41–60 of 200', and how many rows needing attention are off screen
+    above and below (with the key that jumps to them)."""
+    line = Text(f"rows {win.first + 1}–{win.first + win.shown} of {win.total}", style="dim")
+    above = sum(1 for i in attention if i < win.first)
+    below = sum(1 for i in attention if i >= win.first + win.shown)
+    if above or below:
+        where = " and ".join(x for x in (f"{above} above" if above else "", f"{below} below" if below else "") if x)
+        line.append(f"  ·  need attention: {where}", style="bold yellow")
+        line.append("  (n: next)", style="dim")
+    return line
+
+
+def render(snaps: Sequence[ProxySnapshot], now: float | None = None, errors: Sequence[str] = (),
+           width: int = 200, ui: UIState | None = None, panel_lines: Sequence[str] = (),
+           height: int | None = None, console: Console | None = None) -> Group:
+    """The table (plus config errors under it) for a moment in time; with `ui`
+    (the interactive console) also the selection, the log/event panel with
+    `panel_lines`, and the footer of keys; with `height`, only the rows that fit
+    (see view()).
+
+    Borderless, with related facts sharing a cell, so an 80-column SSH session
+    still shows every proxy's state, address, target, last error and a failing
+    upstream. From WIDE columns, every fact has its own column when they all
+    fit beside a readable last error; otherwise the medium layout is used."""
+    return view(snaps, now, errors, width, ui, panel_lines, height, console)[0]
+
+
+def view(snaps: Sequence[ProxySnapshot], now: float | None = None, errors: Sequence[str] = (),
+         width: int = 200, ui: UIState | None = None, panel_lines: Sequence[str] = (),
+         height: int | None = None, console: Console | None = None) -> tuple[Group, Window]:
+    """render() and the Window it shows. Without `height` every row is drawn
+    (`status`). With it, the whole frame fits `height` lines: only the rows
+    that fit are drawn, from `ui.top` (the view position) and always with the
+    selected row, with a 'rows 41–60 of 200' line under them when some are
+    hidden. Only those rows are laid out, once, so a frame costs the same at
+    200 proxies as at 20: the candidate rows are rendered on `console` (a
+    private one at `width` if None) and their lines kept up to the room.
+    Pure: the same snapshots, view position and size give the same frame."""
+    now = time.time() if now is None else now
+    rows = [_plain_row(s, now) for s in snaps]  # every row: the layout does not change as one scrolls
+    wide = width >= WIDE and _wide_fits(rows, width)
+    medium = not wide and width >= MEDIUM
+    names = [s.name for s in snaps]
     selected = None
     if ui is not None and snaps:
-        names = [s.name for s in snaps]
-        selected = ui.selected if ui.selected in names else names[0]
-    for s, (_, _, ip4, _, pid, res, up, counts, _) in zip(snaps, rows):
-        name = Text(s.name, style="bold")
-        label = s.dns_name or (s.hostname if s.hostname != s.name else "")
-        if label:
-            name.append(f"\n{label}", style="dim")
-        target = target_cell(s, TARGET_WIDE if wide else TARGET_NARROW)
-        problem = upstream_problem(s)  # under the last error: a reason, never a state
-        warning = credential_problem(s)  # likewise
-        state = Text(s.state, style=STATE_STYLE.get(s.state, ""))
-        error_style = "red" if s.state == "failed" else "dim"
-        # while not running, why not (the reason) says more than the last error
-        why = s.reason if s.reason and s.state not in ("running", "stopped") else s.last_error
-        key = key_cell(s, now)
-        style = "reverse" if s.name == selected else None
-        if wide:
-            error = Text(redact(why), style=error_style)
-            for extra in (problem, warning):
-                if extra:
-                    error.append("\n" if error.plain else "").append_text(extra)
-            t.add_row(name, state, ip4, target, pid, res, up, counts, key, error, style=style)
-        else:
-            if why:
-                state.append(f"\n{redact(why)}", style=error_style)
-            for extra in (problem, warning):
-                if extra:
-                    state.append("\n").append_text(extra)
-            target.stylize("dim")
-            cells = [name, state, Text(ip4).append("\n").append_text(target)]
-            if medium:
-                cells.append(f"{s.pid or '-'}\n{res}")
-            t.add_row(*cells, f"{up}\n{counts}", key, style=style)
-    parts: list = [t]
-    for e in errors:
-        parts.append(Text(f"config error: {redact(e)}", style="red"))
+        selected = names.index(ui.selected) if ui.selected in names else 0
+    tail: list = [Text(f"config error: {redact(e)}", style="red") for e in errors]
     if ui is not None:
         if ui.panel is not None:
             title = f"{'log' if ui.panel == 'log' else 'events'}: {ui.panel_proxy}"
             body = [Text(redact(line), no_wrap=True, overflow="ellipsis") for line in panel_lines]
-            parts.append(Panel(Group(*body) if body else Text("(nothing yet)", style="dim"),
-                               title=title, title_align="left", box=box.SQUARE, padding=(0, 1)))
-        parts.append(footer(ui))
-    return Group(*parts)
+            tail.append(Panel(Group(*body) if body else Text("(nothing yet)", style="dim"),
+                              title=title, title_align="left", box=box.SQUARE, padding=(0, 1)))
+        tail.append(footer(ui))
+
+    def row_style(i: int, meta: bool) -> Style | None:
+        style = Style(reverse=True) if i == selected else None
+        return style + Style(meta={"row": i}) if meta and style else Style(meta={"row": i}) if meta else style
+
+    n = len(snaps)
+    if height is None or n == 0:
+        t = _table(wide, medium)
+        for i, (s, row) in enumerate(zip(snaps, rows)):
+            _add_row(t, s, row, now, wide, medium, row_style(i, False))
+        return Group(t, *tail), Window(0, n, n)
+
+    if console is None:
+        console = Console(file=io.StringIO(), width=width, color_system=None, legacy_windows=False)
+    options = console.options.update(width=width, height=None)
+    attention = [i for i, s in enumerate(snaps) if needs_attention(s)]
+    room = height - 1 - (len(console.render_lines(Group(*tail), options, pad=False)) if tail else 0)
+    top = ui.top if ui is not None else 0
+    # 1. candidates from each row's fewest lines: a superset of the rows that fit
+    lows = [_min_lines(s, row, wide) for s, row in zip(snaps, rows)]
+    c0, c1 = window(lows, room - HEAD_GUESS, top, selected)
+    # 2. draw the candidates once; each line knows its row (a style meta, never printed)
+    t = _table(wide, medium)
+    for i in range(c0, c1):
+        _add_row(t, snaps[i], rows[i], now, wide, medium, row_style(i, True))
+    lines = console.render_lines(t, options, pad=False)
+    head: list = []
+    per_row: dict[int, list] = {}
+    trailer: list = []
+    for line in lines:
+        tags = {seg.style.meta["row"] for seg in line if seg.style is not None and "row" in seg.style.meta}
+        if tags:
+            per_row.setdefault(min(tags), []).append(line)
+        elif per_row:
+            trailer.append(line)
+        else:
+            head.append(line)
+    heights = [len(per_row.get(i, ())) or 1 for i in range(c0, c1)]
+    f0, f1 = window(heights, room - len(head), top - c0, None if selected is None else selected - c0)
+    first, end = c0 + f0, c0 + f1
+    shown = [line for i in range(first, end) for line in per_row.get(i, ())]
+    if len(head) + len(shown) + len(trailer) <= room:
+        shown += trailer
+    elif len(head) + len(shown) > room:  # one row taller than the screen: its top, never the footer cut
+        shown = shown[:max(0, room - len(head) - 1)] + [[Segment(" …", Style(dim=True))]]
+    win = Window(first, end - first, n)
+    parts: list = [_Lines(head + shown)]
+    if win.shown < n:
+        parts.append(rows_line(win, attention))
+    return Group(*parts, *tail), win
 
 
 # -- what the panel shows -----------------------------------------------------------------
@@ -418,35 +602,6 @@ def events_from_file(path: Path, proxy: str, n: int) -> list[str]:
 # -- the live view -------------------------------------------------------------------------
 
 
-class ResourceSampler:
-    """CPU% and RSS per proxy from psutil; keeps Process objects so that
-    cpu_percent measures the interval since the previous sample."""
-
-    def __init__(self) -> None:
-        self._procs: dict[int, psutil.Process] = {}
-
-    def sample(self, snaps: Sequence[ProxySnapshot]) -> dict[str, tuple[float, int]]:
-        out: dict[str, tuple[float, int]] = {}
-        live: set[int] = set()
-        for s in snaps:
-            cpu, rss = 0.0, 0
-            for pid in s.child_pids:
-                live.add(pid)
-                try:
-                    p = self._procs.get(pid)
-                    if p is None:
-                        p = self._procs[pid] = psutil.Process(pid)
-                        p.cpu_percent(None)
-                    cpu += p.cpu_percent(None)
-                    rss += p.memory_info().rss
-                except psutil.Error:
-                    self._procs.pop(pid, None)
-            out[s.name] = (cpu, rss)
-        for pid in set(self._procs) - live:
-            del self._procs[pid]
-        return out
-
-
 @contextlib.contextmanager
 def cbreak(fd: int) -> Iterator[bool]:
     """The TTY in cbreak mode (keys arrive one by one, unechoed; ^C still
@@ -465,6 +620,12 @@ def cbreak(fd: int) -> Iterator[bool]:
         termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
 
 
+def panel_room(height: int) -> int:
+    """Lines a log or events panel shows on a `height`-line screen: up to half
+    of it (its border included), at least 3; the table gets the rest."""
+    return max(3, height // 2 - 2)
+
+
 class LiveTable:
     """Redraws on events (woken by the fleet's event listener) and on keys,
     ticks slowly otherwise. With `interactive`, stdin's keys operate the fleet."""
@@ -475,7 +636,6 @@ class LiveTable:
         self.console = console
         self.interactive = interactive
         self.stdin = sys.stdin.fileno() if stdin is None and interactive else stdin
-        self.sampler = ResourceSampler()
         self.ui = UIState()
         self.parser = KeyParser()
         self._dirty = asyncio.Event()
@@ -502,8 +662,9 @@ class LiveTable:
             self.press(key)
 
     def press(self, key: str) -> None:
-        names = [s.name for s in self.fleet.snapshots()]
-        self.ui, cmd = on_key(self.ui, key, names)
+        snaps = self.fleet.snapshots()
+        self.ui, cmd = on_key(self.ui, key, [s.name for s in snaps],
+                              {s.name for s in snaps if needs_attention(s)})
         if cmd is not None:
             self._spawn(self._execute(*cmd, shown=self.ui.message))
         self._dirty.set()
@@ -550,19 +711,22 @@ class LiveTable:
             self._panel_lines = recent[-PANEL_LINES:]
 
     def frame(self) -> Group:
+        """The frame for the terminal's size: the rows that fit, from the view
+        position, following the selection (which then becomes the position);
+        without keys (no scrolling), rows needing attention first."""
         snaps = self.fleet.snapshots()
-        usage = self.sampler.sample(snaps)
         errors = [str(e) for e in self.fleet.config_errors]
-        width = self.console.width
+        width, height = self.console.width, self.console.height
         if not self.interactive:
-            return render(snaps, usage, errors=errors, width=width)
+            return render(attention_first(snaps), errors=errors, width=width, height=height,
+                          console=self.console)
         lines: Sequence[str] = ()
-        if self.ui.panel is not None:  # as many of the latest lines as the screen has room for
-            without = render(snaps, usage, errors=errors, width=width, ui=self.ui)
-            used = len(self.console.render_lines(without, self.console.options, pad=False))
-            room = max(3, self.console.height - used - 3)
-            lines = self._panel_lines[-room:]
-        return render(snaps, usage, errors=errors, width=width, ui=self.ui, panel_lines=lines)
+        if self.ui.panel is not None:  # the latest lines, in up to half the screen
+            lines = self._panel_lines[-panel_room(height):]
+        group, win = view(snaps, errors=errors, width=width, ui=self.ui, panel_lines=lines, height=height,
+                          console=self.console)
+        self.ui = replace(self.ui, top=win.first, page=max(1, win.shown))
+        return group
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import config as cfgmod
-from supervisor import credentials, procs, tsapi
+from supervisor import credentials, memory, procs, tsapi
 from supervisor import tailscale as ts
 from supervisor import trust as trustmod
 from supervisor.config import ConfigError, ProxyConfig, Settings
@@ -299,12 +299,29 @@ class Fleet:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
             stops.append(stop_notifier)
+        if self.settings.memory_period > 0:  # children's PSS/USS/CPU into the snapshots (memory.py)
+            sampler = asyncio.create_task(memory.run(self._children, self._apply_memory,
+                                                     self.settings.memory_period), name="memory")
+
+            async def stop_sampler() -> None:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
+            stops.append(stop_sampler)
         if self.settings.metrics:
             server = MetricsServer(self.settings.metrics, self._metrics)
             await server.start()
             self._note("-", "metrics", f"metrics at http://{server.host}:{server.port}/metrics")
             stops.append(server.close)
         return stops
+
+    def _children(self) -> dict[str, list[memory.ChildRef]]:
+        return {n: [memory.ChildRef(c.role, c.pid, c.create_time) for c in p.children()]
+                for n, p in self.proxies.items()}
+
+    def _apply_memory(self, usage: dict[str, memory.Usage]) -> None:
+        for name, u in usage.items():
+            if (p := self.proxies.get(name)) is not None:
+                p.memory = u
 
     def _metrics(self) -> tuple[list[ProxySnapshot], dict[str, list[float]]]:
         return self.snapshots(), {n: list(p.detections) for n, p in self.proxies.items()}

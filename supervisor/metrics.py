@@ -4,9 +4,14 @@ Served whenever the settings file has `metrics = "127.0.0.1:PORT"`.
 
 GET /metrics: per proxy, its state (one series per state, 1 for the current
 one), restarts, recoveries, a histogram of detection latency (a signal seen ->
-the state changed), the RSS of its children, and the last upstream probe
+the state changed), the memory of its children as PSS and USS (bytes, from the
+last `memory_period` sample: supervisor.memory; absent until the first sample
+and while the proxy has no children), and the last upstream probe
 (`upstream_up` 1/0 and `upstream_info{result=...}`, both absent until the
 first probe; results: supervisor.upstream).
+`ts_supervisor_proxy_children_rss_bytes` is deprecated (RSS counts the pages
+the children share once per child): it stays, from the same sample (0 without
+one), for one release.
 
 GET /healthz: the fleet, for a NAS, a reverse proxy or an uptime monitor.
   200 when every proxy that should run is `running`; 503 otherwise. Proxies the
@@ -45,8 +50,6 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from http import HTTPStatus
 
-import psutil
-
 from supervisor.events import redact
 from supervisor.proxy import ProxySnapshot
 from supervisor.states import HEALTHY_STATES, State
@@ -70,18 +73,7 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def children_rss(snap: ProxySnapshot) -> int:
-    total = 0
-    for pid in snap.child_pids:
-        try:
-            total += psutil.Process(pid).memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
-def render(snaps: Sequence[ProxySnapshot], detections: Mapping[str, Iterable[float]],
-           rss: Mapping[str, int]) -> str:
+def render(snaps: Sequence[ProxySnapshot], detections: Mapping[str, Iterable[float]]) -> str:
     out = [
         "# HELP ts_supervisor_proxy_state 1 for the proxy's current state.",
         "# TYPE ts_supervisor_proxy_state gauge",
@@ -96,10 +88,19 @@ def render(snaps: Sequence[ProxySnapshot], detections: Mapping[str, Iterable[flo
                 f"# TYPE ts_supervisor_proxy_{metric}_total counter"]
         out += [f'ts_supervisor_proxy_{metric}_total{{proxy="{_label(s.name)}"}} {getattr(s, attr)}'
                 for s in snaps]
-    out += ["# HELP ts_supervisor_proxy_children_rss_bytes Resident memory of the proxy's processes.",
+    for metric, help_ in (("pss", "Proportional set size of the proxy's processes (shared pages split "
+                                  "among the processes sharing them), at the last sample."),
+                          ("uss", "Unique set size of the proxy's processes (what exiting them frees), "
+                                  "at the last sample.")):
+        out += [f"# HELP ts_supervisor_proxy_children_{metric}_bytes {help_}",
+                f"# TYPE ts_supervisor_proxy_children_{metric}_bytes gauge"]
+        out += [f'ts_supervisor_proxy_children_{metric}_bytes{{proxy="{_label(s.name)}"}} {v}' for s in snaps
+                if s.memory is not None and (v := getattr(s.memory, metric)) is not None]
+    out += ["# HELP ts_supervisor_proxy_children_rss_bytes Deprecated: use ..._children_pss_bytes (RSS counts "
+            "shared pages once per process). Resident memory of the proxy's processes at the last sample.",
             "# TYPE ts_supervisor_proxy_children_rss_bytes gauge"]
-    out += [f'ts_supervisor_proxy_children_rss_bytes{{proxy="{_label(s.name)}"}} {rss.get(s.name, 0)}'
-            for s in snaps]
+    out += [f'ts_supervisor_proxy_children_rss_bytes{{proxy="{_label(s.name)}"}} '
+            f'{s.memory.rss if s.memory else 0}' for s in snaps]
     probed = [s for s in snaps if s.upstream is not None]
     out += ["# HELP ts_supervisor_proxy_upstream_up 1 when the last probe of the proxy's target was ok.",
             "# TYPE ts_supervisor_proxy_upstream_up gauge"]
@@ -233,9 +234,8 @@ class MetricsServer:
         except Refused as e:
             return response(e.status, TEXT_TYPE, str(e).encode() + b"\n")
         snaps, detections = self.collect()
-        if path == "/metrics":
-            rss = await asyncio.to_thread(lambda: {s.name: children_rss(s) for s in snaps})
-            status, ctype, body = 200, METRICS_TYPE, render(snaps, detections, rss).encode()
+        if path == "/metrics":  # memory comes sampled in the snapshots: a scrape reads no /proc
+            status, ctype, body = 200, METRICS_TYPE, render(snaps, detections).encode()
         else:
             status, ctype, body = route(path, snaps)
         return response(status, ctype, body, head_only=method == "HEAD")

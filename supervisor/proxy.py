@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import credentials, paths, policy, procs, statefile, upstream
-from supervisor import identity, tsapi
+from supervisor import identity, memory, tsapi
 from supervisor import reconcile as rc
 from supervisor import tailscale as ts
 from supervisor.config import ProxyConfig, Settings
@@ -89,6 +89,7 @@ class ProxySnapshot:
     credential: str = ""      # the login credential's kind (credentials.Readiness.kind)
     credential_expires: float | None = None  # wall clock: the plain auth key's expiry, where the API tells
     credential_warning: str = ""  # e.g. "auth key expires in 3 days", "one-off key already used"
+    memory: "memory.Usage | None" = None  # the children's PSS/USS/RSS/CPU at the last sample (memory.py)
 
     @classmethod
     def from_json(cls, p: dict) -> "ProxySnapshot":
@@ -107,7 +108,8 @@ class ProxySnapshot:
                                   for x in p.get("services", ())),
                    credential=p.get("credential", ""), credential_warning=p.get("credential_warning", ""),
                    credential_expires=(datetime.fromisoformat(p["credential_expires"]).timestamp()
-                                       if p.get("credential_expires") else None))
+                                       if p.get("credential_expires") else None),
+                   memory=memory.Usage.from_json(p.get("memory")))
 
     def to_json(self) -> dict:
         """One proxy in `status --json` (schema: README, "status --json")."""
@@ -123,7 +125,8 @@ class ProxySnapshot:
                 "pid": self.pid, "restarts": self.restarts, "recoveries": self.recoveries,
                 "credential": self.credential,
                 "credential_expires": iso(self.credential_expires) if self.credential_expires else None,
-                "credential_warning": redact(self.credential_warning)}
+                "credential_warning": redact(self.credential_warning),
+                "memory": self.memory.to_json() if self.memory else None}
 
 
 _REJECTIONS = (Signal.AUTH_FAILURE, Signal.KEY_EXPIRED, Signal.CORRUPT_STATE)
@@ -194,6 +197,7 @@ class Proxy:
         self.recoveries = 0
         self.observed: ts.Observed | None = None
         self.upstream: str | None = None  # the last probe of the target (upstream.probe)
+        self.memory: memory.Usage | None = None  # set by the fleet's sampler (memory.run)
         self._record = identity.read_record(self.dir / identity.RECORD_NAME)  # who the node was
         self._restart_times: deque[float] = deque()
         self._os_errors = 0
@@ -255,13 +259,20 @@ class Proxy:
             L.dirty.set()
             L.reprobe.set()
 
+    def children(self) -> list[procs.Child]:
+        """The live children of the current launch: tailscaled, `tailscale up`,
+        and short-lived CLI children in flight."""
+        L = self._launch
+        if L is None:
+            return []
+        return [c for c in (L.tailscaled, L.up, *L.cli) if c is not None and c.alive]
+
     def snapshot(self) -> ProxySnapshot:
         L = self._launch
         td = L.tailscaled if L and L.tailscaled and L.tailscaled.alive else None
         node = self.observed if self.state in (State.RUNNING, State.DEGRADED, State.RECOVERING,
                                                State.STARTING) else None
-        kids = [td, L.up if L else None, *(L.cli if L else ())]
-        pids = tuple(c.pid for c in kids if c is not None and c.alive)
+        pids = tuple(c.pid for c in self.children())
         running_wall = (time.time() - (time.monotonic() - self._running_since)
                         if self._running_since is not None else None)
         return ProxySnapshot(
@@ -275,7 +286,7 @@ class Proxy:
             node_id=node.node_id if node else "", upstream=self.upstream,
             services=tuple((x.port, x.mode, x.path, x.target, x.funnel) for x in self.cfg.services),
             credential=self.readiness.kind, credential_expires=self.readiness.expires,
-            credential_warning=self.readiness.warning)
+            credential_warning=self.readiness.warning, memory=self.memory if pids else None)
 
     async def run(self) -> None:
         """The proxy's main loop. Returns only after shutdown() has stopped everything."""

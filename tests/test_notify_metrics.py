@@ -123,15 +123,21 @@ def _scrape(url: str) -> dict[str, float]:
     return out
 
 
-def test_metrics_endpoint_exports_state_counters_latency_and_rss(sup, control, tmp_path):
-    sup.settings["metrics"] = "127.0.0.1:0"
+def test_metrics_endpoint_exports_state_counters_latency_and_memory(sup, control, tmp_path):
+    sup.settings.update(metrics="127.0.0.1:0", memory_period=0.5)
     run_proxy(sup, control, tmp_path, "app", reusable=True)
     url = _metrics_url(sup)
-    m = _scrape(url)
+    m = wait_for(lambda: (m := _scrape(url)).get('ts_supervisor_proxy_children_pss_bytes{proxy="app"}') and m,
+                 20, "a memory sample of app's tailscaled")
     assert m['ts_supervisor_proxy_state{proxy="app",state="running"}'] == 1
     assert m['ts_supervisor_proxy_state{proxy="app",state="failed"}'] == 0
     assert m['ts_supervisor_proxy_recoveries_total{proxy="app"}'] == 0
-    assert m['ts_supervisor_proxy_children_rss_bytes{proxy="app"}'] > 10 * 2**20
+    pss = m['ts_supervisor_proxy_children_pss_bytes{proxy="app"}']
+    uss = m['ts_supervisor_proxy_children_uss_bytes{proxy="app"}']
+    rss = m['ts_supervisor_proxy_children_rss_bytes{proxy="app"}']  # deprecated, kept for one release
+    assert 2 * 2**20 < uss <= pss <= rss  # a real tailscaled: private pages, its share of the binary's
+    memory = sup.status()["app"]["memory"]  # the same sample in status --json
+    assert memory["children"] >= 1 and memory["uss"] <= memory["pss"] <= memory["rss"]
 
     n = len(sup.events())
     control.admin("delete_node", id=control.node_named("app")["id"])

@@ -1,12 +1,20 @@
 """The table is a pure function of snapshots; test it on a capturing Console."""
 import time
+from dataclasses import replace
 
+import pytest
 from rich.console import Console
 
 from supervisor.console import human_duration, render
+from supervisor.memory import Usage
 from supervisor.proxy import ProxySnapshot
 
 NOW = time.time()
+
+
+def sampled(cpu, pss, rss=None):
+    """What the fleet's memory sampler leaves in a snapshot (supervisor.memory)."""
+    return Usage(rss=rss or 3 * pss, pss=pss, uss=pss // 2, cpu=cpu, children=1, at=NOW)
 
 
 def snap(name, state, **kw):
@@ -27,12 +35,21 @@ def test_rows_show_state_ip_dns_and_counts():
     out = text(render([
         snap("jellyfin", "running", tailscale_ips=("100.64.0.1", "fd7a:115c:a1e0::1"),
              dns_name="jellyfin.tailnet.test", pid=1234, restarts=2, recoveries=1,
-             running_since=NOW - 125),
+             running_since=NOW - 125, memory=sampled(1.5, 31 << 20)),
         snap("ssh", "failed", last_error="invalid key: API key does not exist", recoveries=1),
-    ], usage={"jellyfin": (1.5, 31 << 20)}, now=NOW))
+    ], now=NOW))
     assert "jellyfin.tailnet.test" in out and "100.64.0.1" in out and "fd7a" not in out
     assert "running" in out and "failed" in out and "invalid key: API key does not exist" in out
     assert "1234" in out and "1.5% 31.0M" in out and "2m05s" in out and "2/1" in out
+    assert "cpu pss" in out  # PSS: the shared pages of the binaries split, not counted per process
+
+
+def test_the_resource_cell_shows_the_last_sample_and_nothing_before_it():
+    from supervisor.console import resource_cell
+    for memory, want in ((None, "-"), (sampled(None, 11 << 20), "11.0M"), (sampled(0.25, 11 << 20), "0.2% 11.0M"),
+                         (Usage(40 << 20, None, None, 1.0, 1, NOW), "1.0% 40.0M"),  # no PSS readable: RSS
+                         (Usage(0, 0, 0, None, 0, NOW), "-")):
+        assert resource_cell(snap("a", "running", memory=memory)) == want
 
 
 def test_secrets_never_reach_the_table():
@@ -71,14 +88,14 @@ def test_durations():
     assert [human_duration(s) for s in (5, 65, 3700, 90000)] == ["5s", "1m05s", "1h01m", "1d01h"]
 
 
-def test_every_width_keeps_targets_whole_and_medium_shows_pid_and_rss():
+def test_every_width_keeps_targets_whole_and_medium_shows_pid_and_pss():
     s = [snap("homeassistant", "running", pid=4242, tailscale_ips=("100.64.0.2",),
-              target="http://127.0.0.1:8123", dns_name="homeassistant.tailnet.test"),
+              target="http://127.0.0.1:8123", dns_name="homeassistant.tailnet.test",
+              memory=sampled(0.5, 50 * 2**20)),
          snap("nas-ssh", "failed", target="tcp://127.0.0.1:22", recoveries=1,
               last_error="tailscale up: invalid key: API key k0001 not valid")]
-    usage = {"homeassistant": (0.5, 50 * 2**20)}
     for width in (80, 110, 140):
-        out = text(render(s, usage, now=NOW, width=width), width=width)
+        out = text(render(s, now=NOW, width=width), width=width)
         assert max(len(line) for line in out.splitlines()) <= width
         assert "127.0.0.1:8123" in out and "tcp 127.0.0.1:22" in out, out
         assert {"invalid", "key:", "k0001", "valid"} <= set(out.split())  # wrapped, never cut
@@ -230,7 +247,7 @@ def test_key_parser_maps_escape_sequences_and_letters_to_actions():
     assert p.feed(b"\x1b[A\x1b[B\x1bOA\x1bOB") == ["up", "down", "up", "down"]
     assert p.feed(b"jkrsStleRq") == ["down", "up", "restart", "stop", "start", "start", "log", "events",
                                      "recover", "quit"]
-    assert p.feed(b"yn\r") == ["y", "n", "enter"]
+    assert p.feed(b"yn\r") == ["y", "next", "enter"]  # n: the next row needing attention
     assert p.feed(b"\x1b") == ["esc"]
     assert p.feed(b"\x1b[15~\x1b[1;5A\x1bOP\x1bx") == ["unknown", "unknown", "unknown", "unknown"]
     assert p.feed(b"\x1b[5~\x1b[6~") == ["pageup", "pagedown"]
@@ -439,13 +456,13 @@ def test_the_wide_layout_is_used_only_when_every_column_fits():
     """At 130-137 columns these rows used to overflow and the terminal cut the
     last error off; now the medium layout takes over until all of it fits."""
     s = [snap("homeassistant", "running", pid=4242, tailscale_ips=("100.64.0.2",),
-              target="http://127.0.0.1:8123", dns_name="homeassistant.tailnet.test"),
+              target="http://127.0.0.1:8123", dns_name="homeassistant.tailnet.test",
+              memory=sampled(0.5, 50 * 2**20)),
          snap("nas-ssh", "failed", target="tcp://127.0.0.1:22", recoveries=1,
               last_error="tailscale up: invalid key: API key k0001 not valid", upstream="refused")]
-    usage = {"homeassistant": (0.5, 50 * 2**20)}
     layouts = set()
     for width in range(125, 176):
-        out = text(render(s, usage, now=NOW, width=width), width=width)
+        out = text(render(s, now=NOW, width=width), width=width)
         assert max(len(line) for line in out.splitlines()) <= width, (width, out)
         wide = "last error" in out
         layouts.add(wide)
@@ -455,3 +472,145 @@ def test_the_wide_layout_is_used_only_when_every_column_fits():
     assert layouts == {True, False}
     short = text(render([snap("a", "running", pid=1)], now=NOW, width=130), width=130)
     assert "last error" in short  # 130 columns are enough for short rows
+
+
+# -- 200 proxies: only the rows that fit, a view position, the rows line ----------------------
+
+from supervisor.console import (Window, attention_first, needs_attention, view,  # noqa: E402
+                                window)
+
+
+@pytest.mark.parametrize("heights, room, top, selected, want", [
+    ([], 10, 0, None, (0, 0)),
+    ([2] * 10, 10, 0, None, (0, 5)),                 # from the top, as many as fit
+    ([2] * 10, 10, 3, None, (3, 8)),
+    ([2] * 10, 10, 3, 4, (3, 8)),                    # the selection is shown: nothing moves
+    ([2] * 10, 10, 3, 1, (1, 6)),                    # above the window: it starts at the selection
+    ([2] * 10, 10, 0, 7, (3, 8)),                    # below: it ends at the selection
+    ([2] * 10, 10, 8, None, (5, 10)),                # at the end: pulled up to fill the room
+    ([2] * 10, 10, 99, None, (5, 10)),               # clamps past the end ...
+    ([2] * 10, 10, -4, None, (0, 5)),                # ... and before the start
+    ([2] * 10, 10, 0, 9, (5, 10)),
+    ([1, 5, 1, 1, 1], 4, 0, None, (0, 1)),           # a tall row is not cut: the window ends before it
+    ([1, 5, 1, 1, 1], 4, 0, 1, (1, 2)),              # ... unless it is the selection: one row, always
+    ([1, 1, 1, 1, 1, 3], 4, 2, None, (2, 5)),
+    ([1, 1, 1, 1, 1, 3], 4, 4, None, (4, 6)),
+    ([1, 1, 1, 1, 1, 3], 4, 5, None, (4, 6)),        # the end pulled up by what still fits
+    ([2] * 3, 100, 2, 1, (0, 3)),                    # everything fits: everything shown
+])
+def test_window(heights, room, top, selected, want):
+    assert window(heights, room, top, selected) == want
+
+
+def fleet(n=200, failing=(17, 120, 199)):
+    return [snap(f"proxy{i:03d}", "failed" if i in failing else "running",
+                 tailscale_ips=(f"100.64.{i // 250}.{i % 250 + 1}",), dns_name=f"proxy{i:03d}.tailnet.test",
+                 pid=10000 + i, running_since=NOW - 60, memory=sampled(0.1, 11 << 20),
+                 last_error="tailscale up: invalid key: API key k0001 not valid" if i in failing else "")
+            for i in range(n)]
+
+
+def framed(snaps, width, height, ui=None, **kw):
+    """One live frame on a terminal of width x height: (lines, Window)."""
+    c = Console(record=True, width=width, height=height, color_system=None)
+    group, win = view(snaps, now=NOW, width=width, ui=ui, height=height, console=c, **kw)
+    c.print(group)
+    out = c.export_text(styles=False)
+    assert out.endswith("\n")
+    return out[:-1].split("\n"), win  # every line printed, the footer's (empty) message line too
+
+
+def shown_names(lines):
+    """The proxies whose rows the frame shows (a row's first line starts with its name)."""
+    return [m.group(1) for line in lines if (m := re.match(r"\s*(proxy\d{3})(?![.\w])", line))]
+
+
+@pytest.mark.parametrize("width, height", [(80, 24), (100, 30), (140, 50), (200, 60)])
+def test_200_proxies_fit_the_terminal_with_a_rows_line(width, height):
+    lines, win = framed(fleet(), width, height, UIState())
+    assert len(lines) <= height and max(len(line) for line in lines) <= width
+    names = shown_names(lines)
+    assert names == [f"proxy{i:03d}" for i in range(win.first, win.first + win.shown)]
+    assert win == Window(0, len(names), 200) and 3 <= len(names) < height // 2 + 1
+    assert f"rows 1–{len(names)} of 200" in "\n".join(lines)
+    below = sum(1 for i in (17, 120, 199) if i >= len(names))  # the failing rows not on screen
+    assert f"need attention: {below} below" in "\n".join(lines)
+    assert "q quit" in lines[-2] and lines[-1].strip() == ""  # the footer (keys, message) is never cut off
+
+
+def test_the_selection_scrolls_the_view_and_it_clamps_at_both_ends():
+    snaps = fleet()
+    names = [s.name for s in snaps]
+    ui, seen_first = UIState(), []
+    for key in ["down"] * 25 + ["pagedown"] * 25 + ["down"] * 3:  # all the way down, and past the end
+        ui, _ = on_key(ui, key, names)
+        lines, win = framed(snaps, 100, 30, ui)
+        ui = replace(ui, top=win.first, page=win.shown)  # what LiveTable.frame keeps
+        assert ui.selected in shown_names(lines) and len(lines) <= 30
+        seen_first.append(win.first)
+    assert seen_first == sorted(seen_first) and win.first + win.shown == 200  # ends on the last row
+    assert f"rows {win.first + 1}–200 of 200" in "\n".join(lines)
+    ui, _ = on_key(ui, "pageup", names)
+    assert names.index(ui.selected) == 199 - win.shown
+    ui, _ = on_key(ui, "home", names)
+    lines, win = framed(snaps, 100, 30, ui)
+    assert win.first == 0 and shown_names(lines)[0] == "proxy000"
+    # a view position left past the end (proxies removed by a reload) is pulled back to fill the screen
+    lines, win = framed(snaps[:50], 100, 30, replace(ui, top=500, selected="proxy045"))
+    assert win.first + win.shown == 50 and len(shown_names(lines)) == win.shown > 5 and win.first < 45
+
+
+def test_rows_needing_attention_are_counted_off_screen_and_n_jumps_to_them():
+    snaps = fleet()
+    names = [s.name for s in snaps]
+    trouble = {s.name for s in snaps if needs_attention(s)}
+    assert trouble == {"proxy017", "proxy120", "proxy199"}
+    ui = UIState(selected="proxy100", top=90)
+    lines, win = framed(snaps, 100, 30, ui)
+    assert "need attention: 1 above and 2 below" in "\n".join(lines)
+    for want in ("proxy120", "proxy199", "proxy017"):  # wraps around
+        ui, cmd = on_key(ui, "next", names, trouble)
+        assert ui.selected == want and cmd is None
+        lines, _ = framed(snaps, 100, 30, ui)
+        assert want in shown_names(lines)
+    ui, _ = on_key(UIState(), "next", names[:5], set())
+    assert ui.message == "no proxy needs attention" and ui.selected == "proxy000"
+    # a view that cannot scroll (no keys) shows them first, in name order
+    first = attention_first(snaps)
+    assert [s.name for s in first[:4]] == ["proxy017", "proxy120", "proxy199", "proxy000"]
+    lines, win = framed(first, 80, 24)
+    assert shown_names(lines)[:3] == ["proxy017", "proxy120", "proxy199"] and win.shown < 200
+
+
+def test_upstream_failing_and_transitional_states_need_attention_stopped_does_not():
+    cases = {("running", None): False, ("running", "ok"): False, ("running", "refused"): True,
+             ("stopped", None): False, ("degraded", None): True, ("starting", None): True,
+             ("backoff", None): True, ("recovering", None): True, ("failed", "ok"): True}
+    for (state, up), want in cases.items():
+        assert needs_attention(snap("a", state, upstream=up)) is want, (state, up)
+
+
+def test_a_small_fleet_has_no_rows_line_and_a_panel_shares_the_screen():
+    lines, win = framed(fleet(4, failing=()), 100, 30, UIState())
+    assert win == Window(0, 4, 4) and "rows" not in "\n".join(lines)
+    log = [f"log line {i}" for i in range(200)]
+    ui = UIState(selected="proxy150", top=140, panel="log", panel_proxy="proxy150")
+    from supervisor.console import panel_room
+    lines, win = framed(fleet(), 100, 40, ui, panel_lines=log[-panel_room(40):])
+    out = "\n".join(lines)
+    assert len(lines) <= 40 and "log line 199" in out and "log: proxy150" in out
+    assert "proxy150" in shown_names(lines) and f"rows {win.first + 1}–" in out
+
+
+def test_a_tall_row_is_whole_when_it_fits_and_the_frame_always_fits():
+    long = "recovery failed: " + " ".join(f"word{i}" for i in range(60))
+    snaps = [snap(f"proxy{i:03d}", "failed", last_error=long, dns_name=f"proxy{i:03d}.tailnet.test",
+                  upstream="refused") for i in range(30)]
+    for width, height in ((80, 24), (140, 30)):
+        lines, win = framed(snaps, width, height, UIState(selected="proxy010"))
+        assert len(lines) <= height and shown_names(lines) == ["proxy010"] and "q quit" in lines[-2]
+        body = " ".join(lines)
+        if width == 140:  # the selected row's error, whole
+            assert all(f"word{i}" in body for i in range(60))
+        else:  # taller than the screen: its top, then "…", and the footer still there
+            assert "word0" in body and "word59" not in body and "…" in body

@@ -2,6 +2,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -9,6 +10,7 @@ from supervisor import notify
 from supervisor.config import SettingsError, load_settings
 from supervisor.events import Event, register_secret
 from supervisor.notify import Notifier, Webhook, payload, worth_telling
+from supervisor.memory import Usage
 from supervisor.metrics import render
 from supervisor.proxy import ProxySnapshot
 
@@ -63,14 +65,23 @@ def test_metrics_text():
     snap = ProxySnapshot(name="a", hostname="a", state="running", tailscale_ips=(), dns_name="",
                          target="http://127.0.0.1:1", pid=1, restarts=2, recoveries=1, last_error="",
                          since=0.0)
-    text = render([snap], {"a": [0.002, 0.03]}, {"a": 1234})
+    sampled = replace(snap, name="b", memory=Usage(rss=1234, pss=600, uss=500, cpu=0.5, children=1, at=0.0))
+    text = render([snap, sampled], {"a": [0.002, 0.03]})
     lines = set(text.splitlines())
     assert 'ts_supervisor_proxy_state{proxy="a",state="running"} 1' in lines
     assert 'ts_supervisor_proxy_restarts_total{proxy="a"} 2' in lines
     assert 'ts_supervisor_detection_latency_seconds_bucket{proxy="a",le="0.0025"} 1' in lines
     assert 'ts_supervisor_detection_latency_seconds_bucket{proxy="a",le="0.05"} 2' in lines
     assert 'ts_supervisor_detection_latency_seconds_count{proxy="a"} 2' in lines
-    assert 'ts_supervisor_proxy_children_rss_bytes{proxy="a"} 1234' in lines
+    # memory comes from the last sample in the snapshot: PSS and USS only once sampled,
+    # the deprecated RSS name for every proxy (0 before a sample)
+    assert {'ts_supervisor_proxy_children_pss_bytes{proxy="b"} 600',
+            'ts_supervisor_proxy_children_uss_bytes{proxy="b"} 500',
+            'ts_supervisor_proxy_children_rss_bytes{proxy="b"} 1234',
+            'ts_supervisor_proxy_children_rss_bytes{proxy="a"} 0'} <= lines
+    assert not any(line.startswith(('ts_supervisor_proxy_children_pss_bytes{proxy="a"}',
+                                    'ts_supervisor_proxy_children_uss_bytes{proxy="a"}')) for line in lines)
+    assert "# TYPE ts_supervisor_proxy_children_pss_bytes gauge" in lines
 
 
 # -- redaction -------------------------------------------------------------------------
