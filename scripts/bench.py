@@ -34,6 +34,7 @@ from typing import Any
 
 import psutil
 
+from supervisor import ipc, memory
 from supervisor import tailscale as ts
 from tests.fixtures_control import ControlThread
 from tests.harness import Node, Timeout, wait_for
@@ -367,11 +368,95 @@ def cold_starts(bins: ts.Binaries, control: ControlThread, root: Path, runs: int
 # -- 3. scale ------------------------------------------------------------------------------
 
 
+MiB = 2**20
+FRAME = (200, 50)  # the terminal one live frame is measured on (columns, lines)
+
+
+def child_role(p: psutil.Process) -> str:
+    """A supervisor child's role from its command line (as procs.spawn names
+    it): "tailscaled", else the tailscale CLI's subcommand ("up", "serve", ...)."""
+    argv = p.cmdline()
+    if argv and Path(argv[0]).name == "tailscaled":
+        return "tailscaled"
+    return next((a for a in argv[1:] if not a.startswith("-")), "cli")
+
+
+def children_memory(sup: SupervisorProc, size: int) -> dict[str, Any]:
+    """Every child's PSS, USS and RSS (supervisor.memory.read: psutil's
+    smaps_rollup), in total, per child kind and per proxy, in MiB. PSS splits
+    the pages the tailscaleds share (the binary's text) among them, so its sum
+    is what the machine pays; RSS counts them once per process."""
+    readings = []
+    for p in sup.children():
+        try:
+            ref = memory.ChildRef(child_role(p), p.pid, p.create_time())
+        except psutil.Error:
+            continue
+        if (r := memory.read(ref)) is not None:
+            readings.append(r)
+    total = memory.combine(readings, None, time.time())
+
+    def mb(v: int | None) -> float | None:
+        return None if v is None else v / MiB
+    kinds = {k: {"count": d["count"], "rss_mb": mb(d["rss"]), "pss_mb": mb(d["pss"]), "uss_mb": mb(d["uss"]),
+                 "pss_per_proxy_mb": mb(d["pss"] and d["pss"] / size)}
+             for k, d in memory.by_kind(readings).items()}
+    return {"children": len(readings), "children_rss_mb": total.rss / MiB, "children_pss_mb": mb(total.pss),
+            "children_uss_mb": mb(total.uss), "pss_per_proxy_mb": mb(total.pss and total.pss / size),
+            "uss_per_proxy_mb": mb(total.uss and total.uss / size), "rss_per_proxy_mb": total.rss / MiB / size,
+            "kinds": kinds}
+
+
+def status_cost(sup: SupervisorProc, reps: int = 10) -> dict[str, float]:
+    """One `status --json`: the control socket's round trip (the supervisor's
+    side: snapshots, JSON, redaction; median of `reps`), and the whole CLI
+    once (a fresh interpreter included), in ms."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        ipc.call(sup.data_dir, "status")
+        times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    out = sup.cli("status", "--json", "--data-dir", str(sup.data_dir), timeout=60)
+    cli = time.perf_counter() - t
+    if out.returncode != 0:
+        raise RuntimeError(f"status --json failed: {out.stderr.strip()}")
+    return {"status_ipc_ms": statistics.median(times) * 1000, "status_cli_ms": cli * 1000,
+            "status_json_kb": len(out.stdout) / 1024}
+
+
+def table_cost(snaps: list[Any], reps: int = 10) -> dict[str, float]:
+    """One table render of these snapshots, in ms (medians): a live frame on a
+    FRAME-sized terminal (only the rows that fit; what every redraw costs), and
+    every row as `status` prints them."""
+    from rich.console import Console
+
+    from supervisor.console import UIState, render, view
+    buf = io.StringIO()
+    console = Console(file=buf, width=FRAME[0], height=FRAME[1])
+
+    def timed(draw: Callable[[], Any], n: int) -> float:
+        times = []
+        for _ in range(n):
+            buf.seek(0)
+            buf.truncate()
+            t = time.perf_counter()
+            console.print(draw())
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1000
+    mid = snaps[len(snaps) // 2].name if snaps else None  # scrolled to the middle
+    frame = timed(lambda: view(snaps, width=FRAME[0], height=FRAME[1], ui=UIState(selected=mid),
+                               console=console)[0], reps)
+    full = timed(lambda: render(snaps, width=FRAME[0]), max(1, reps // 5))
+    return {"frame_ms": frame, "full_table_ms": full}
+
+
 def scale_point(control: ControlThread, root: Path, size: int, window: float) -> dict[str, Any]:
     """`ts-supervisor run` with `size` proxies: spawn -> all `running`; then,
     after a short settle, the supervisor's CPU over `window` s (user+system
-    time of the supervisor process alone, % of one core), its RSS, and the
-    RSS of all its children (tailscaled + serve)."""
+    time of the supervisor process alone, % of one core), its RSS, the memory
+    of all its children (children_memory: PSS, USS and RSS, per kind and per
+    proxy), one table render (table_cost) and one `status --json` (status_cost)."""
     key = root / f"scale{size}.secret"
     key.write_text(control.create_key(reusable=True)["secret"])
     sup = SupervisorProc(root / f"scale{size}" / "conf.d", root / f"scale{size}" / "data")
@@ -398,17 +483,14 @@ def scale_point(control: ControlThread, root: Path, size: int, window: float) ->
         c1, w1 = me.cpu_times(), time.monotonic()
         cpu = ((c1.user + c1.system) - (c0.user + c0.system)) / (w1 - w0) * 100
         rss = me.memory_info().rss
-        kids = sup.children()
-        kids_rss = 0
-        for k in kids:
-            try:
-                kids_rss += k.memory_info().rss
-            except psutil.Error:
-                pass
-        states = {p["state"] for p in sup.status().values()}
+        mem = children_memory(sup, size)
+        status = sup.status()
+        states = {p["state"] for p in status.values()}
+        cost = status_cost(sup)
+        from supervisor.proxy import ProxySnapshot
+        cost.update(table_cost([ProxySnapshot.from_json(p) for _, p in sorted(status.items())]))
         return {"size": size, "all_running_s": t_all - t0, "cpu_pct": cpu, "rss_mb": rss / 2**20,
-                "children": len(kids), "children_rss_mb": kids_rss / 2**20,
-                "states_after": sorted(states)}
+                **mem, **cost, "states_after": sorted(states)}
     finally:
         sup.stop(timeout=120)
         for name in names:
@@ -428,9 +510,9 @@ def render_cost(rows: int = 50, reps: int = 100) -> float:
                            dns_name=f"proxy{i:02d}.tailnet.test", target=f"http://127.0.0.1:{8000 + i}",
                            pid=10000 + i, restarts=i % 3, recoveries=i % 2, last_error="",
                            since=now - 3600, child_pids=(10000 + i, 20000 + i),
-                           key_expiry="2099-01-01T00:00:00Z", running_since=now - 3600)
+                           key_expiry="2099-01-01T00:00:00Z", running_since=now - 3600,
+                           memory=memory.Usage(50 << 20, 12 << 20, 8 << 20, 0.1 * (i % 7), 1, now))
              for i in range(rows)]
-    usage = {s.name: (0.1 * (i % 7), 50 << 20) for i, s in enumerate(snaps)}
     buf = io.StringIO()
     console = Console(file=buf, width=200)
     times = []
@@ -438,7 +520,7 @@ def render_cost(rows: int = 50, reps: int = 100) -> float:
         buf.seek(0)
         buf.truncate()
         t = time.perf_counter()
-        console.print(render(snaps, usage, now, (), 200))
+        console.print(render(snaps, now, (), 200))
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -495,6 +577,13 @@ def summarize(sup: dict[str, list[float]], recover: dict[str, list[float]], sa: 
                         big["cpu_pct"] < 2))
         targets.append((f"{n} proxies: supervisor RSS < 100 MB", f"{big['rss_mb']:.1f} MiB",
                         big["rss_mb"] * 2**20 < 100e6))
+        if big.get("frame_ms") is not None:
+            targets.append((f"{n} proxies: one table frame < 50 ms", f"{big['frame_ms']:.1f} ms",
+                            big["frame_ms"] < 50))
+    fifty = next((s for s in scale if s["size"] == 50), None)
+    if fifty and fifty.get("pss_per_proxy_mb") is not None:
+        targets.append(("50 proxies: children PSS <= 12 MiB per proxy", f"{fifty['pss_per_proxy_mb']:.1f} MiB",
+                        fifty["pss_per_proxy_mb"] <= 12))
     summary = {"classes": classes,
                "recovery": {"delete_to_running_ms": [x * 1000 for x in recover["total"]],
                             "phases_median_ms": {k: med(v) * 1000 for k, v in recover.items() if v},
@@ -525,16 +614,37 @@ def table(summary: dict[str, Any], targets: list[tuple[str, str, bool]], runs: i
                   f"cold start -> Running {r['cold_median_ms']:.0f} ms; ratio {r['ratio']:.1f}x",
               "  phases (medians): " + ", ".join(f"{k} {v:.0f} ms" for k, v in r["phases_median_ms"].items()
                                                  if k != "total"), "",
-              f"Scale ({summary['cores']} cores)",
-              f"{'proxies':>8}{'all running':>13}{'sup CPU':>10}{'sup RSS':>11}{'children RSS':>14}{'children':>10}"]
-    for s in summary["scale"]:
-        lines.append(f"{s['size']:>8}{s['all_running_s']:>11.2f} s{s['cpu_pct']:>8.2f} %"
-                     f"{s['rss_mb']:>7.1f} MiB{s['children_rss_mb']:>10.0f} MiB{s['children']:>10}")
+              *scale_lines(summary["scale"], summary["cores"])]
     lines += [f"render() of 50 rows to a 200-column Console: {summary['render_50_rows_ms']:.2f} ms (median of 100)",
               "", f"{'target':<52}{'measured':<46}result"]
     for what, measured, ok in targets:
         lines.append(f"{what:<52}{measured:<46}{'PASS' if ok else 'MISS'}")
     return "\n".join(lines)
+
+
+def scale_lines(scale: list[dict[str, Any]], cores: int) -> list[str]:
+    """The scale table: time to all running, the supervisor at rest, the
+    children's memory (PSS, USS, RSS; in total and per proxy), one table
+    frame and one `status --json`; then PSS per child kind and proxy."""
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"Scale ({cores} cores; memory in MiB; frame: one live redraw on {FRAME[0]}x{FRAME[1]}; "
+             "status: the socket's round trip / the whole CLI)",
+             f"{'proxies':>8}{'all running':>13}{'sup CPU':>9}{'sup RSS':>9}{'PSS':>8}{'USS':>8}{'RSS':>8}"
+             f"{'PSS/proxy':>11}{'USS/proxy':>11}{'frame':>10}{'status':>18}"]
+    for s in scale:
+        status = (f"{s['status_ipc_ms']:.1f}/{s['status_cli_ms']:.0f} ms"
+                  if s.get("status_ipc_ms") is not None else "-")
+        lines.append(f"{s['size']:>8}{s['all_running_s']:>11.2f} s{s['cpu_pct']:>7.2f} %{s['rss_mb']:>9.1f}"
+                     f"{f(s.get('children_pss_mb'), '.0f'):>8}{f(s.get('children_uss_mb'), '.0f'):>8}"
+                     f"{s['children_rss_mb']:>8.0f}{f(s.get('pss_per_proxy_mb'), '.1f'):>11}"
+                     f"{f(s.get('uss_per_proxy_mb'), '.1f'):>11}{f(s.get('frame_ms'), '.1f'):>7} ms{status:>18}")
+    kinds = sorted({k for s in scale for k in s.get("kinds", {})})
+    if kinds:
+        lines.append("  PSS per proxy by child kind (count): " + "; ".join(
+            f"{s['size']}: " + ", ".join(f"{k} {f(s['kinds'][k]['pss_per_proxy_mb'], '.1f')} "
+                                         f"({s['kinds'][k]['count']})" for k in kinds if k in s.get("kinds", {}))
+            for s in scale))
+    return lines
 
 
 def plot(scale: list[dict[str, Any]], path: Path) -> None:
@@ -547,8 +657,8 @@ def plot(scale: list[dict[str, Any]], path: Path) -> None:
             (axes[0][0], "all_running_s", "start -> all running", "s", 15),
             (axes[0][1], "cpu_pct", "supervisor steady CPU", "% of one core", 2),
             (axes[1][0], "rss_mb", "supervisor RSS", "MiB", 100e6 / 2**20),
-            (axes[1][1], "children_rss_mb", "children RSS (tailscaled + serve)", "MiB", None)):
-        ax.plot(xs, [s[key] for s in scale], marker="o")
+            (axes[1][1], "children_pss_mb", "children PSS (what the machine pays)", "MiB", None)):
+        ax.plot(xs, [s.get(key) or 0 for s in scale], marker="o")
         if limit is not None:
             ax.axhline(limit, color="red", linestyle="--", linewidth=1, label="target")
             ax.legend()
@@ -562,6 +672,30 @@ def plot(scale: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def scale_only(control: ControlThread, root: Path, sizes: list[int], args: argparse.Namespace,
+               version: str, cores: int, started: float) -> None:
+    """`--only scale`: the scale points alone, written to bench-out/bench-scale.json
+    and scaling.png (the plot) with the same table as a full run."""
+    try:
+        print(f"{version}, {cores} cores, sizes={sizes}, window={args.window:g}s: scale ...", flush=True)
+        scale = []
+        for size in sizes:
+            scale.append(scale_point(control, root, size, args.window))
+            print(f"  {size} proxies: {json.dumps(scale[-1])}", flush=True)
+    finally:
+        control.close()
+    args.out.mkdir(exist_ok=True)
+    (args.out / "bench-scale.json").write_text(json.dumps(
+        {"scale": scale, "cores": cores, "version": version, "window_s": args.window,
+         "elapsed_s": time.monotonic() - started}, indent=2))
+    if scale:
+        plot(scale, args.out / "scaling.png")
+    print("\n" + "\n".join(scale_lines(scale, cores)))
+    print(f"\nwrote {args.out / 'bench-scale.json'} and {args.out / 'scaling.png'} "
+          f"({time.monotonic() - started:.0f} s)")
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5, help="rounds per detection class and recovery")
@@ -569,6 +703,8 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=60.0, help="seconds of steady-state CPU measurement")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--version", default=None, help="tailscale version under .tools/")
+    ap.add_argument("--only", choices=("scale",), default=None,
+                    help="scale: only the scale curves (and the table's cost)")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     if os.environ.get("TS_SUPERVISOR_NETNS") != "1":
@@ -582,6 +718,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-"))
     control = ControlThread(root / "control")
     started = time.monotonic()
+    if args.only == "scale":
+        scale_only(control, root, sizes, args, bins.version(), cores, started)
+        return
     try:
         print(f"{bins.version()}, {cores} cores, runs={args.runs}, sizes={sizes}, window={args.window:g}s",
               flush=True)
