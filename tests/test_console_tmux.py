@@ -46,8 +46,8 @@ class Pane:
             raise AssertionError(f"tmux {args}: {out.stderr}")
         return out.stdout
 
-    def start(self, command: str) -> None:
-        self.tmux("new-session", "-d", "-s", "main", "-x", "100", "-y", "30", command)
+    def start(self, command: str, width: int = 100, height: int = 30) -> None:
+        self.tmux("new-session", "-d", "-s", "main", "-x", str(width), "-y", str(height), command)
 
     def keys(self, *keys: str) -> None:
         for k in keys:  # one at a time, as a person types
@@ -101,16 +101,17 @@ def pane(tmp_path: Path):
     p.kill()
 
 
-def test_operator_drives_the_console_with_keys(pane: Pane, control, tmp_path: Path):
+def start_run(pane: Pane, tmp_path: Path, control, names, settings: dict, **size) -> SupervisorProc:
+    """`ts-supervisor run` in the pane, its proxies `names` on the test control."""
     sup = SupervisorProc(tmp_path / "conf.d", tmp_path / "data")
-    for name in ("alpha", "bravo"):
+    for name in names:
         keyfile, _ = key_file(tmp_path, control, name, reusable=True)
         proxy_on(sup, control, name, keyfile)
-    settings = tmp_path / "settings.toml"
-    settings.write_text(tomli_w.dumps({"backoff_initial": 0.2}))
+    path = tmp_path / "settings.toml"
+    path.write_text(tomli_w.dumps(settings))
     script = tmp_path / "run.sh"
     run = shlex.join([sys.executable, "-m", "supervisor", "run", "--config-dir", str(sup.config_dir),
-                      "--data-dir", str(sup.data_dir), "--settings", str(settings)])
+                      "--data-dir", str(sup.data_dir), "--settings", str(path)])
     # the pane's own size, not the COLUMNS/LINES tmux inherited from pytest; faulthandler
     # so that a hang can be diagnosed (SIGABRT prints every thread's stack in the pane)
     env = "env -u TS_SUPERVISOR_DATA_DIR -u COLUMNS -u LINES PYTHONFAULTHANDLER=1 NO_COLOR=1 TERM=xterm-256color"
@@ -118,7 +119,13 @@ def test_operator_drives_the_console_with_keys(pane: Pane, control, tmp_path: Pa
                       f"{env} {run}\n"
                       f"echo \"exit=$?\" > {shlex.quote(str(tmp_path / 'exit'))}\n"
                       f"stty -a > {shlex.quote(str(tmp_path / 'stty'))}\n")
-    pane.start(f"sh {shlex.quote(str(script))}")
+    pane.start(f"sh {shlex.quote(str(script))}", **size)
+    return sup
+
+
+def test_operator_drives_the_console_with_keys(pane: Pane, control, tmp_path: Path):
+    sup = start_run(pane, tmp_path, control, ("alpha", "bravo"),
+                    {"backoff_initial": 0.2, "memory_period": 1})  # cpu pss on screen soon
 
     # both proxies come up on screen
     pane.wait_screen(lambda s: "running" in row(s, "alpha") and "running" in row(s, "bravo"), 60,
@@ -206,3 +213,29 @@ def test_operator_drives_the_console_with_keys(pane: Pane, control, tmp_path: Pa
     assert "icanon" in stty and "echo" in stty, stty  # cbreak undone
     assert not [p for p in psutil.process_iter(["name", "cmdline"])
                 if p.info["name"] == "tailscaled" and str(sup.data_dir) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_many_proxies_fit_the_pane_and_scroll_with_keys(pane: Pane, control, tmp_path: Path):
+    """8 proxies in a 100x14 pane: only the rows that fit, a 'rows' line, End and
+    Home scroll to the ends; a taller pane shows more rows."""
+    names = [f"p{i}" for i in range(8)]
+    sup = start_run(pane, tmp_path, control, names, {"backoff_initial": 0.2}, width=100, height=14)
+    wait_for(lambda: all(p["state"] == "running" for p in status(sup.data_dir).values())
+             and len(status(sup.data_dir)) == 8, 90, "8 proxies running")
+    screen = pane.wait_screen(lambda s: "running" in row(s, "p0") and "of 8" in s, 20, "the first rows")
+    lines = screen.rstrip("\n").split("\n")
+    shown = [n for n in names if row(screen, n)]
+    assert len(lines) <= 14 and "q quit" in screen, screen
+    assert shown == names[:len(shown)] and 2 <= len(shown) < 8, screen
+    assert f"rows 1–{len(shown)} of 8" in screen, screen
+    pane.keys("End")
+    screen = pane.wait_screen(lambda s: row(s, "p7") and "–8 of 8" in s, 5, "the last rows")
+    assert not row(screen, "p0") and REVERSE_SGR.search(raw_row(pane.screen(escapes=True), "p7"))
+    pane.keys("Home")
+    pane.wait_screen(lambda s: row(s, "p0") and not row(s, "p7"), 5, "the first rows again")
+    pane.tmux("resize-window", "-t", "main", "-x", "100", "-y", "30")
+    screen = pane.wait_screen(lambda s: all(row(s, n) for n in names), 10, "every row in a taller pane")
+    assert "of 8" not in screen  # everything fits: no rows line
+    pane.keys("q")
+    wait_for(lambda: (tmp_path / "exit").exists() and (tmp_path / "exit").read_text(), 60, "a clean exit")
+    assert (tmp_path / "exit").read_text().strip() == "exit=0"

@@ -460,7 +460,7 @@ def _snap(name, up):
 def test_metrics_show_the_upstream_result():
     bad = 'TLS: certificate not trusted — use https+insecure://127.0.0.1:5001'
     text = metrics.render([_snap("nas", bad), _snap("jellyfin", "ok"), _snap("new", None),
-                           _snap('we"ird', "refused")], {}, {})
+                           _snap('we"ird', "refused")], {})
     lines = text.splitlines()
     assert 'ts_supervisor_proxy_upstream_up{proxy="nas"} 0' in lines
     assert 'ts_supervisor_proxy_upstream_up{proxy="jellyfin"} 1' in lines
