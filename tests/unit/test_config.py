@@ -131,6 +131,9 @@ def test_settings_file(tmp_path):
     p.write_text("healthy_period = 30\nstart_limit = 3\n")
     s = cfgmod.load_settings(p)
     assert (s.healthy_period, s.start_limit) == (30, 3)
+    assert s.memory_period == 60  # the children's PSS sampled once a minute by default
+    p.write_text("memory_period = 0\n")  # 0: no sampling
+    assert cfgmod.load_settings(p).memory_period == 0
     p.write_text("healthy_perod = 30\nstart_limit = -1\n")
     with pytest.raises(cfgmod.SettingsError) as e:
         cfgmod.load_settings(p)
@@ -232,6 +235,8 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
     ("healthy_period = 0x" + "f" * 400, "healthy_period: must be a finite number"),
     ("healthy_period = nan", "healthy_period: must be a finite number"),
     ("start_window = inf", "start_window: must be a finite number"),
+    ("memory_period = -1", "memory_period: must not be negative"),
+    ('memory_period = "60"', "memory_period: must be int or float"),
     ("embedded_port = 70000", "embedded_port: 70000 is not a port"),
     ('tailscale = "~nosuchuser9/bin/tailscale"', "tailscale: '~nosuchuser9/bin/tailscale' is not a usable path"),
     ('metrics = "127.0.0.1:\u0663"', "metrics: must be a loopback"),
