@@ -365,6 +365,72 @@ def cold_starts(bins: ts.Binaries, control: ControlThread, root: Path, runs: int
     return out
 
 
+def identity_recovery(control: ControlThread, root: Path, runs: int) -> dict[str, list[float]]:
+    """A corrupt state with no copy -> `running` again with the same name and IP
+    (supervisor/identity.py through the control's v2 API): the supervisor's
+    `recovering` -> its `identity kept` event, which comes once the new node's
+    netmap shows the old address. Phases: stopping + wiping (`wiped`), the relaunch
+    with the old device deleted first and the login (`recovered`), and setting the
+    IP back until the node sees it. One proxy `keep` with a reusable key and an API
+    token; between rounds the supervisor stops, the state is truncated and the kept
+    copy removed, and it starts again (a 1 s healthy period re-arms the budget)."""
+    key = root / "keep-key.secret"
+    key.write_text(control.create_key(reusable=True)["secret"])
+    token = root / "keep-token.secret"
+    token.write_text(control.admin("create_api_token")["secret"])
+    sup = SupervisorProc(root / "keep" / "conf.d", root / "keep" / "data",
+                         settings={"healthy_period": 1.0, "api_base": control.url})
+    sup.write_proxy("keep", hostname="keep", auth_key_file=str(key), api_token_file=str(token), target=TARGET,
+                    serve="http", port=80, login_server=control.url)
+    out: dict[str, list[float]] = {"total": [], "stop_wipe": [], "relaunch": [], "identity": []}
+    proxy_dir = sup.data_dir / "proxies" / "keep"
+
+    def on_keep(event: str) -> Callable[[dict[str, Any]], bool]:
+        return lambda e: e["proxy"] == "keep" and e["event"] == event
+    try:
+        sup.start()
+        sup.wait_state("keep", "running", 60)
+        first = control.node_named("keep")
+        n = 0
+        for i in range(runs):
+            if i:
+                sup.wait_event(on_keep("rearmed"), 30, "re-arm", after=n)
+            sup.stop()
+            (proxy_dir / "state" / "tailscaled.state").write_bytes(b"")
+            (proxy_dir / "tailscaled.state.good").unlink()
+            n = len(sup.events())
+            sup.start()
+            rec = sup.wait_state("keep", "recovering", 30, after=n)
+            wiped = sup.wait_event(on_keep("wiped"), 30, "wiped", after=n)
+            back = sup.wait_state("keep", "running", 60, after=n)
+            kept = sup.wait_event(on_keep("identity"), 60, "the identity outcome", after=n)
+            node = control.node_named("keep")
+            if not kept["reason"].startswith("identity kept:") or node["addresses"][0] != first["addresses"][0] \
+                    or node["name"] != "keep":  # the same name and IPv4 (IPv6 is not set back)
+                raise RuntimeError(f"round {i}: identity not kept: {kept['reason']}")
+            for phase, dt in (("total", kept["t"] - rec["t"]), ("stop_wipe", wiped["t"] - rec["t"]),
+                              ("relaunch", back["t"] - wiped["t"]), ("identity", kept["t"] - back["t"])):
+                out[phase].append(dt)
+    finally:
+        sup.stop()
+    return out
+
+
+def identity_summary(ident: dict[str, list[float]], cold: list[float]) -> dict[str, Any]:
+    k, c = med(ident["total"]), med(cold)
+    return {"identity_kept_ms": [x * 1000 for x in ident["total"]],
+            "phases_median_ms": {p: med(v) * 1000 for p, v in ident.items() if v and p != "total"},
+            "cold_start_ms": [x * 1000 for x in cold], "identity_median_ms": k * 1000,
+            "cold_median_ms": c * 1000, "ratio": k / c}
+
+
+def identity_lines(d: dict[str, Any], runs: int) -> list[str]:
+    return [f"Recovery with identity kept (median of {runs}): corrupt state, no copy -> running again with the "
+            f"same name and IP {d['identity_median_ms']:.0f} ms; bare tailscaled cold start -> Running "
+            f"{d['cold_median_ms']:.0f} ms; ratio {d['ratio']:.1f}x",
+            "  phases (medians): " + ", ".join(f"{p} {v:.0f} ms" for p, v in d["phases_median_ms"].items())]
+
+
 # -- 3. scale ------------------------------------------------------------------------------
 
 
@@ -703,8 +769,9 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=60.0, help="seconds of steady-state CPU measurement")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--version", default=None, help="tailscale version under .tools/")
-    ap.add_argument("--only", choices=("scale",), default=None,
-                    help="scale: only the scale curves (and the table's cost)")
+    ap.add_argument("--only", choices=("identity", "scale"), default=None,
+                    help="identity: only the recovery with identity kept against a bare cold start; "
+                         "scale: only the scale curves (and the table's cost)")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     if os.environ.get("TS_SUPERVISOR_NETNS") != "1":
@@ -721,6 +788,20 @@ def main() -> None:
     if args.only == "scale":
         scale_only(control, root, sizes, args, bins.version(), cores, started)
         return
+    if args.only == "identity":
+        try:
+            print(f"{bins.version()}, {cores} cores, runs={args.runs}: recovery with identity kept ...", flush=True)
+            ident = identity_recovery(control, root, args.runs)
+            cold = cold_starts(bins, control, root, args.runs)
+        finally:
+            control.close()
+        d = {**identity_summary(ident, cold), "version": bins.version(), "runs": args.runs}
+        args.out.mkdir(exist_ok=True)
+        (args.out / "bench-identity.json").write_text(json.dumps(d, indent=2))
+        print("\n" + "\n".join(identity_lines(d, args.runs)))
+        print(f"\nwrote {args.out / 'bench-identity.json'} ({time.monotonic() - started:.0f} s)")
+        shutil.rmtree(root, ignore_errors=True)
+        return
     try:
         print(f"{bins.version()}, {cores} cores, runs={args.runs}, sizes={sizes}, window={args.window:g}s",
               flush=True)
@@ -730,6 +811,8 @@ def main() -> None:
         sa = standalone_detection(bins, control, root, args.runs)
         print("3/5 bare cold starts ...", flush=True)
         cold = cold_starts(bins, control, root, args.runs)
+        print("   recovery with identity kept ...", flush=True)
+        ident = identity_summary(identity_recovery(control, root, args.runs), cold)
         print("4/5 scale ...", flush=True)
         scale = []
         for size in sizes:
@@ -740,7 +823,7 @@ def main() -> None:
     finally:
         control.close()
     summary, targets = summarize(sup, recover, sa, cold, scale, render_s, cores)
-    summary.update(version=bins.version(), runs=args.runs, window_s=args.window,
+    summary.update(identity=ident, version=bins.version(), runs=args.runs, window_s=args.window,
                    elapsed_s=time.monotonic() - started,
                    targets=[{"target": w, "measured": m, "pass": ok} for w, m, ok in targets])
     args.out.mkdir(exist_ok=True)
@@ -749,6 +832,7 @@ def main() -> None:
         plot(scale, args.out / "scaling.png")
     print()
     print(table(summary, targets, args.runs))
+    print("\n" + "\n".join(identity_lines(ident, args.runs)))
     print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'scaling.png'} "
           f"({summary['elapsed_s']:.0f} s)")
     shutil.rmtree(root, ignore_errors=True)
