@@ -452,14 +452,15 @@ def children_memory(sup: SupervisorProc, size: int) -> dict[str, Any]:
     smaps_rollup), in total, per child kind and per proxy, in MiB. PSS splits
     the pages the tailscaleds share (the binary's text) among them, so its sum
     is what the machine pays; RSS counts them once per process."""
-    readings = []
+    refs = []
     for p in sup.children():
         try:
-            ref = memory.ChildRef(child_role(p), p.pid, p.create_time())
+            refs.append(memory.ChildRef(child_role(p), p.pid, p.create_time()))
         except psutil.Error:
             continue
-        if (r := memory.read(ref)) is not None:
-            readings.append(r)
+    t = time.perf_counter()  # the reads of one sampler pass (what memory_period costs the supervisor)
+    readings = [r for ref in refs if (r := memory.read(ref)) is not None]
+    pass_ms = (time.perf_counter() - t) * 1000
     total = memory.combine(readings, None, time.time())
 
     def mb(v: int | None) -> float | None:
@@ -470,7 +471,7 @@ def children_memory(sup: SupervisorProc, size: int) -> dict[str, Any]:
     return {"children": len(readings), "children_rss_mb": total.rss / MiB, "children_pss_mb": mb(total.pss),
             "children_uss_mb": mb(total.uss), "pss_per_proxy_mb": mb(total.pss and total.pss / size),
             "uss_per_proxy_mb": mb(total.uss and total.uss / size), "rss_per_proxy_mb": total.rss / MiB / size,
-            "kinds": kinds}
+            "kinds": kinds, "sample_pass_ms": pass_ms}
 
 
 def status_cost(sup: SupervisorProc, reps: int = 10) -> dict[str, float]:
@@ -710,6 +711,9 @@ def scale_lines(scale: list[dict[str, Any]], cores: int) -> list[str]:
             f"{s['size']}: " + ", ".join(f"{k} {f(s['kinds'][k]['pss_per_proxy_mb'], '.1f')} "
                                          f"({s['kinds'][k]['count']})" for k in kinds if k in s.get("kinds", {}))
             for s in scale))
+    passes = [f"{s['size']}: {s['sample_pass_ms']:.1f} ms" for s in scale if s.get("sample_pass_ms") is not None]
+    if passes:
+        lines.append("  one memory sampler pass (every memory_period): " + ", ".join(passes))
     return lines
 
 
