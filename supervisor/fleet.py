@@ -300,8 +300,9 @@ class Fleet:
                 await asyncio.gather(task, return_exceptions=True)
             stops.append(stop_notifier)
         if self.settings.memory_period > 0:  # children's PSS/USS/CPU into the snapshots (memory.py)
-            sampler = asyncio.create_task(memory.run(self._children, self._apply_memory,
-                                                     self.settings.memory_period), name="memory")
+            sampler = asyncio.create_task(memory.run(
+                self._children, self._apply_memory, self.settings.memory_period,
+                lambda e: self._note("-", "internal_error", f"memory sampler: {e!r}")), name="memory")
 
             async def stop_sampler() -> None:
                 sampler.cancel()

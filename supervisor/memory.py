@@ -189,12 +189,18 @@ class Sampler:
 
 
 async def run(children: Callable[[], Mapping[str, Sequence[ChildRef]]],
-              apply: Callable[[Mapping[str, Usage]], None], period: float = DEFAULT_PERIOD) -> None:
+              apply: Callable[[Mapping[str, Usage]], None], period: float = DEFAULT_PERIOD,
+              on_error: Callable[[Exception], None] | None = None) -> None:
     """Every `period` seconds: `children()` on the loop, one Sampler pass in a
-    worker thread, `apply(usage)` on the loop. Runs until cancelled."""
+    worker thread, `apply(usage)` on the loop. Runs until cancelled; a pass
+    that raises (a bug: /proc errors are a child's None) goes to `on_error`
+    and the next pass comes on time."""
     sampler = Sampler()
     while True:
-        refs = children()
-        usage = await asyncio.to_thread(sampler.sample, refs)
-        apply(usage)
+        try:
+            refs = children()
+            apply(await asyncio.to_thread(sampler.sample, refs))
+        except Exception as e:
+            if on_error is not None:
+                on_error(e)
         await asyncio.sleep(period)

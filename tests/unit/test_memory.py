@@ -118,3 +118,27 @@ def test_read_a_real_child_and_refuse_a_recycled_pid():
         child.kill()
         child.wait()
     assert memory.read(ChildRef("tailscaled", child.pid, ct)) is None  # reaped
+
+
+def test_run_samples_every_period_and_outlives_a_failing_pass():
+    """memory.run with fake children/apply callbacks (named so): passes keep coming
+    after one raises, and the error is handed over, not swallowed."""
+    import asyncio
+    applied, errors, calls = [], [], []
+
+    def fake_children():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return {"a": []}
+
+    async def go():
+        task = asyncio.create_task(memory.run(fake_children, applied.append, 0.01, errors.append))
+        deadline = time.monotonic() + 10
+        while len(applied) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    asyncio.run(go())
+    assert len(applied) >= 3 and set(applied[0]) == {"a"} and applied[0]["a"].children == 0
+    assert [str(e) for e in errors] == ["boom"]
