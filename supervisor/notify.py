@@ -12,16 +12,14 @@ never printed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import ssl
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
+from supervisor import httpout
 from supervisor.events import Event, iso, redact, register_secret
 
 FORMATS = ("json", "ntfy", "discord")
@@ -29,7 +27,6 @@ NOTE_KINDS = ("key_expiring", "identity")  # notes (not transitions) worth a web
 DEFAULT_EVENTS = ("recovering", "failed", "running", *NOTE_KINDS)
 ATTEMPTS = 5
 QUEUE_LIMIT = 1000
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,57 +65,12 @@ def payload(hook: Webhook, ev: Event) -> tuple[bytes, dict[str, str]]:
     return json.dumps(body).encode(), {"Content-Type": "application/json"}
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any) -> None:
-        return None  # a 3xx is a failed attempt: the body goes to the URL configured, or nowhere
-
-
-_opener = urllib.request.build_opener(_NoRedirects)
-
-
 def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
     """POST; the 2xx status, or an exception (urllib's HTTPError for any other status)."""
     req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    with _opener.open(req, timeout=timeout) as resp:
+    with httpout.opener.open(req, timeout=timeout) as resp:
         return resp.status
 
-
-def _why(e: BaseException) -> str:
-    """One short line for a failed attempt that quotes neither the URL nor the receiver's bytes."""
-    if isinstance(e, urllib.error.HTTPError):
-        return f"HTTP {e.code}"
-    if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException):
-        e = e.reason
-    if isinstance(e, TimeoutError):
-        return "timed out"
-    if isinstance(e, ssl.SSLError):
-        return f"TLS: {e.reason or type(e).__name__}"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror  # "Connection refused", "Name or service not known"
-    return type(e).__name__  # BadStatusLine, RemoteDisconnected, InvalidURL, ...: their text may quote either
-
-
-async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) in a daemon thread of its own. A receiver that keeps a
-    request alive (cancelled by its deadline, but still blocking its thread)
-    can then neither starve the fleet's default executor nor delay exit."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if not fut.done():
-            fut.set_result(value) if ok else fut.set_exception(value)
-
-    def work() -> None:
-        try:
-            outcome = (True, fn(*args))
-        except Exception as e:
-            outcome = (False, e)
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(settle, *outcome)
-
-    threading.Thread(target=work, name="webhook", daemon=True).start()
-    return await fut
 
 
 class Notifier:
@@ -184,10 +136,10 @@ class Notifier:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 2))
             try:
                 async with asyncio.timeout(self.timeout):
-                    await _in_daemon_thread(_post, hook.url, body, headers, self.timeout)
+                    await httpout.in_daemon_thread(_post, hook.url, body, headers, self.timeout, name="webhook")
                 return None
             except Exception as e:
-                why = _why(e)
+                why = httpout.why(e, self.timeout)
         return f"{ATTEMPTS} attempts, the last: {why}"
 
 

@@ -26,8 +26,6 @@ import contextlib
 import ipaddress
 import json
 import re
-import ssl
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -36,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from supervisor import httpout
 from supervisor.events import redact, register_secret
 
 T = TypeVar("T")
@@ -331,59 +330,17 @@ def _clean(text: str, scrub: Sequence[str] = ()) -> str:
 
 # -- transport ---------------------------------------------------------------------------
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any) -> None:
-        return None  # a 3xx is an error: the credential goes to the configured base or nowhere
-
-
-_opener = urllib.request.build_opener(_NoRedirects)
-
-
 def _exchange(url: str, method: str, body: bytes | None, headers: dict[str, str],
               timeout: float) -> tuple[int, bytes]:
     """One HTTP request: (status, body) for any status; transport errors raise."""
     req = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
-        resp = _opener.open(req, timeout=timeout)
+        resp = httpout.opener.open(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         resp = e
     with resp:
         data = resp.read(MAX_RESPONSE + 1)
         return resp.status if resp.status is not None else resp.code, data
-
-
-def _why(e: BaseException, timeout: float) -> str:
-    """One short line for a transport failure that quotes neither URL nor server bytes."""
-    if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException):
-        e = e.reason
-    if isinstance(e, (TimeoutError, asyncio.TimeoutError)):
-        return f"no answer within {timeout:g} s"
-    if isinstance(e, ssl.SSLError):
-        return f"TLS: {e.reason or type(e).__name__}"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return type(e).__name__  # BadStatusLine, RemoteDisconnected, ...: their text may quote the server
-
-
-async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) in a daemon thread of its own (see the module docstring)."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if not fut.done():
-            fut.set_result(value) if ok else fut.set_exception(value)
-
-    def work() -> None:
-        try:
-            outcome = (True, fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
-            outcome = (False, e)
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(settle, *outcome)
-
-    threading.Thread(target=work, name="tsapi", daemon=True).start()
-    return await fut
 
 
 def loopback_host(host: str | None) -> bool:
@@ -448,10 +405,11 @@ class Client:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **headers}
         try:
             status, data = await asyncio.wait_for(
-                _in_daemon_thread(_exchange, self.base + path, method, body, headers, self.timeout),
+                httpout.in_daemon_thread(_exchange, self.base + path, method, body, headers, self.timeout,
+                                         name="tsapi"),
                 self.timeout)
         except Exception as e:  # noqa: BLE001 - whatever the server does costs one APIError
-            raise self._error(method, path, _why(e, self.timeout)) from None
+            raise self._error(method, path, httpout.why(e, self.timeout)) from None
         if len(data) > MAX_RESPONSE:
             raise self._error(method, path, f"{status} answer larger than {MAX_RESPONSE >> 20} MiB")
         return status, data
