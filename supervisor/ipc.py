@@ -3,7 +3,8 @@
 One JSON request line (an object with a string "cmd", at most MAX_REQUEST
 bytes), one JSON answer line ({"ok": bool, "error"?: str, ...}). The CLI
 (`status`, `restart`, `stop`, ...) is a client; the fleet registers the
-handlers. Whatever a client sends costs that one connection: the server
+handlers, and every server answers `process` itself (process_info: what a
+soak samples to see a leak). Whatever a client sends costs that one connection: the server
 answers with one error line (or just closes) and keeps serving the others.
 """
 from __future__ import annotations
@@ -39,13 +40,25 @@ def _error(text: str) -> dict[str, Any]:
     return {"ok": False, "error": text}
 
 
+async def process_info(req: dict[str, Any]) -> dict[str, Any]:
+    """The `process` command: the serving process itself, as only it can see it.
+    {"ok", "pid", "tasks": asyncio tasks not yet done on its loop (asyncio.all_tasks),
+    "fds": open file descriptors (entries of /proc/self/fd, Linux)}. scripts/soak
+    samples it every minute: a count that keeps growing is a leak."""
+    try:
+        fds: int | None = len(os.listdir("/proc/self/fd")) - 1  # less the one listdir opened
+    except OSError:
+        fds = None
+    return {"ok": True, "pid": os.getpid(), "tasks": len(asyncio.all_tasks()), "fds": fds}
+
+
 class IPCServer:
     request_timeout = 10.0  # seconds a client has to send its request line
 
     def __init__(self, data_dir: Path, handlers: dict[str, Handler]):
         self.data_dir = data_dir
         self.path = paths.supervisor_socket(data_dir)
-        self.handlers = handlers
+        self.handlers = {"process": process_info, **handlers}
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:

@@ -208,6 +208,14 @@ def test_the_client_turns_a_bad_answer_into_one_clear_error(tmp_path, answer, er
         fake.sock.close()
 
 
+def test_every_server_answers_process_with_its_own_tasks_and_fds(tmp_path, server):
+    """What scripts/soak samples: the serving process's asyncio tasks and open fds."""
+    answer = ipc.call(tmp_path, "process")
+    assert answer["ok"] is True and answer["pid"] == os.getpid()  # the server runs in this process
+    assert answer["tasks"] >= 1  # at least the task answering
+    assert isinstance(answer["fds"], int) and answer["fds"] >= 3  # stdin, stdout, stderr at least
+
+
 # -- a CLI in another environment or as another user finds the socket ----------------------------
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
