@@ -46,3 +46,16 @@ def test_bad_caps_set_is_one_error_line(control, capsys, argv: list[str], reason
     code, out, err = control_cli(control, capsys, "caps", "set", *argv)
     assert code == 1 and out is None and err.count("\n") == 1 and reason in err, err
     assert control.admin("list_caps")["default"] == {"https": False, "funnel": False, "funnel_ports": ""}
+
+
+def test_peers_show_and_set_and_a_proxy_key(control, capsys) -> None:
+    code, out, _ = control_cli(control, capsys, "peers")
+    assert code == 0 and out == {"peers": "clients"}
+    code, out, _ = control_cli(control, capsys, "peers", "all")
+    assert code == 0 and out == {"peers": "all", "pushed": []}  # no node online to tell
+    assert control.admin("peers") == {"peers": "all"}
+    with pytest.raises(SystemExit):  # argparse: one usage line naming the choices
+        control_cli(control, capsys, "peers", "none")
+    assert "invalid choice: 'none'" in capsys.readouterr().err
+    code, key, _ = control_cli(control, capsys, "keys", "create", "--proxy")
+    assert code == 0 and key["proxy"] is True
