@@ -444,7 +444,10 @@ class ControlServer:
                 continue
             msg: dict[str, Any] = {}
             if gained:
-                msg["PeersChanged"] = [built.setdefault(p.id, self._node_json(p)) for p in gained]
+                for p in gained:
+                    if p.id not in built:  # each node's JSON built once, whoever gains it
+                        built[p.id] = self._node_json(p)
+                msg["PeersChanged"] = [built[p.id] for p in gained]
                 msg["UserProfiles"] = self._profiles(gained)
             if lost:
                 msg["PeersRemoved"] = sorted(lost)
