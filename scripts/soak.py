@@ -39,6 +39,7 @@ import random
 import resource
 import shutil
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -53,7 +54,7 @@ import psutil
 from supervisor import ipc
 from supervisor import tailscale as ts
 from supervisor.control.cli import AdminClient
-from tests.harness import Node, Timeout, curl_via, free_port, wait_for
+from tests.harness import Node, curl_via, free_port, wait_for
 from tests.supervisor_harness import ROOT, SupervisorProc
 
 BODY = "hello from the service behind the soak's proxies\n"
@@ -192,7 +193,7 @@ class Churn:
         try:
             what = getattr(self, kind)(name)
             self.done[kind] = self.done.get(kind, 0) + 1
-        except (Timeout, AssertionError, OSError, RuntimeError, ipc.IPCError) as e:
+        except (AssertionError, OSError, RuntimeError, subprocess.SubprocessError) as e:  # Timeout, IPCError too
             what = f"{kind} {name}: FAILED {str(e).splitlines()[0][:160]}"
             self.failed.append(what)
         return what
