@@ -97,26 +97,34 @@ def keep_copy(statedir: Path, copy: Path) -> bool:
 
 
 def restore(statedir: Path, copy: Path) -> str | None:
-    """Repair a corrupt tailscaled.state in place: first with an intact
-    `tailscaled.state.tmp*` that tailscale's atomic write left beside it (the
-    newest good one), else with the kept copy. Returns what was restored
-    (one line), or None if there was nothing good to restore."""
-    candidates = []
+    """Repair a corrupt tailscaled.state in place with the newest good state at hand:
+    an intact `tailscaled.state.tmp*` that tailscale's atomic write left beside it, or
+    the kept copy, whichever was written last (a `.tmp` wins a tie: it is the write
+    that was under way). A `.tmp` older than the copy is a leftover of an earlier
+    interrupted write, superseded since (a node-key rotation would bring an old key
+    back). The good `.tmp*` files are removed once the state is restored, so none is
+    restored again in a later incident. Returns what was restored (one line), or None
+    if there was nothing good to restore."""
+    found: list[tuple[float, int, Path, bytes]] = []
     for tmp in statedir.glob(STATE_FILE + ".tmp*"):
         try:
-            candidates.append((tmp.stat().st_mtime, tmp, tmp.read_bytes()))
+            found.append((tmp.stat().st_mtime, 1, tmp, tmp.read_bytes()))
         except OSError:
             continue
-    for _, tmp, raw in sorted(candidates, reverse=True):
-        if is_good_state(raw):
-            _write_private(statedir / STATE_FILE, raw)
-            return f"restored {STATE_FILE} from {tmp.name}, left beside it by an interrupted write"
+    leftovers = [tmp for _, _, tmp, raw in found if is_good_state(raw)]
     try:
-        raw = copy.read_bytes()
+        found.append((copy.stat().st_mtime, 0, copy, copy.read_bytes()))
     except OSError:
+        pass
+    good = sorted(((when, is_tmp, src, raw) for when, is_tmp, src, raw in found if is_good_state(raw)),
+                  key=lambda c: (c[0], c[1]), reverse=True)
+    if not good:
         return None
-    if not is_good_state(raw):
-        return None
+    _, is_tmp, src, raw = good[0]
     statedir.mkdir(parents=True, exist_ok=True, mode=0o700)
     _write_private(statedir / STATE_FILE, raw)
+    for tmp in leftovers:
+        tmp.unlink(missing_ok=True)
+    if is_tmp:
+        return f"restored {STATE_FILE} from {src.name}, left beside it by an interrupted write"
     return f"restored {STATE_FILE} from the copy kept while the proxy ran"

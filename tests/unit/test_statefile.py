@@ -81,3 +81,29 @@ def _state(prefs: bytes | None, **extra: str) -> bytes:
 ])
 def test_the_control_a_state_is_logged_in_on(raw: bytes, url: str | None):
     assert statefile.control_url(raw) == url
+
+
+def test_a_tmp_older_than_the_kept_copy_is_not_restored_and_none_is_left_behind(tmp_path):
+    """A `.tmp` left by an interrupted write weeks ago (its state superseded since, say
+    by a node-key rotation) must not win over the newer kept copy; and a restored
+    `.tmp` must not stay to be restored again in a later incident."""
+    sd, copy = tmp_path / "state", tmp_path / "tailscaled.state.good"
+    sd.mkdir()
+    old = GOOD.replace(b"}", b', "old": "b2xk"}')
+    (sd / "tailscaled.state.tmp7").write_bytes(old)
+    os.utime(sd / "tailscaled.state.tmp7", (1_000_000, 1_000_000))
+    copy.write_bytes(GOOD)
+    (sd / "tailscaled.state").write_bytes(b"")
+    assert "copy" in statefile.restore(sd, copy)
+    assert (sd / "tailscaled.state").read_bytes() == GOOD
+    assert not list(sd.glob("tailscaled.state.tmp*"))  # the stale leftover is gone too
+
+    (sd / "tailscaled.state.tmp8").write_bytes(old)  # a newer interrupted write: it wins
+    (sd / "tailscaled.state.tmp9").write_bytes(b'{"key": {}, "nonce": "AA==", "data": "AA=="}')  # TPM
+    os.utime(copy, (1_000_000, 1_000_000))
+    (sd / "tailscaled.state").write_bytes(b"")
+    assert "tmp8" in statefile.restore(sd, copy)
+    assert (sd / "tailscaled.state").read_bytes() == old
+    assert [t.name for t in sd.glob("tailscaled.state.tmp*")] == ["tailscaled.state.tmp9"]
+    (sd / "tailscaled.state").write_bytes(b"")
+    assert "copy" in statefile.restore(sd, copy)  # the restored .tmp is not restored again
