@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,17 @@ class NotRunning(IPCError):
 
 def _error(text: str) -> dict[str, Any]:
     return {"ok": False, "error": text}
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The uid of a unix socket connection's peer, as the kernel recorded it at connect
+    (SO_PEERCRED, Linux: struct ucred is three C ints); None if it cannot be had."""
+    sock = writer.get_extra_info("socket")
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    return struct.unpack("3i", raw)[1]
 
 
 async def process_info(req: dict[str, Any]) -> dict[str, Any]:
@@ -88,9 +100,12 @@ class IPCServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection: read one line, write one answer line, close. Never raises
-        (but for cancellation): a client that sends nothing and leaves gets no answer."""
+        (but for cancellation): a client that sends nothing and leaves gets no answer.
+        Only the supervisor's own user and root are served, by the peer uid the kernel
+        reports (SO_PEERCRED), whatever a NAS's ACLs make of the socket's and data dir's
+        modes (as the embedded control's admin socket)."""
         try:
-            answer = await self._answer(reader)
+            answer = await self._answer(reader, _peer_uid(writer))
             if answer is not None:
                 writer.write(json.dumps(redact_json(answer)).encode() + b"\n")  # no secret leaves
                 await writer.drain()
@@ -102,7 +117,7 @@ class IPCServer:
             except (OSError, RuntimeError):
                 pass
 
-    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    async def _answer(self, reader: asyncio.StreamReader, uid: int | None) -> dict[str, Any] | None:
         try:
             async with asyncio.timeout(self.request_timeout):
                 line = await reader.readuntil(b"\n")
@@ -114,6 +129,8 @@ class IPCServer:
                 return None
         except TimeoutError:
             return _error(f"no request line within {self.request_timeout:g} s")
+        if uid not in (0, os.geteuid()):  # read first, so the client hears why, not EPIPE
+            return _error(f"uid {uid} may not use this supervisor (only its own user and root)")
         try:
             req = json.loads(line)
         except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 from hypothesis import example, given, strategies as st
@@ -35,6 +36,17 @@ class Writer:
 
     def close(self) -> None:
         self.closed = True
+        for end in getattr(self, "_pair", ()):
+            end.close()
+
+    def get_extra_info(self, name: str, default=None):
+        """The connection's socket, as asyncio's writer gives it: one end of a real
+        socketpair, whose peer (SO_PEERCRED) is this process's own user."""
+        if name != "socket":
+            return default
+        here, there = socket.socketpair(socket.AF_UNIX)
+        self._pair = (here, there)
+        return here
 
 
 async def _status(req):

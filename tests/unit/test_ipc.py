@@ -278,3 +278,32 @@ def test_an_xdg_runtime_dir_of_another_user_is_not_used(tmp_path, short_xdg):
     from supervisor import paths
     os.chown(short_xdg, 65534, 65534)
     assert not paths.runtime_dir(tmp_path).is_relative_to(short_xdg)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid (setpriv)")
+def test_another_uid_is_refused_whatever_the_modes_say(caplog):
+    """On a NAS share whose ACLs show 0777 everywhere the data dir's and the socket's
+    modes keep no one out: the server itself serves only its own user and root (by
+    SO_PEERCRED), as the control's admin socket does. Before, uid 65534 could stop,
+    restart and recover proxies through a reachable supervisor.sock."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+    top = Path(tempfile.mkdtemp(prefix="ts-ipc-"))  # tmp_path is 0700: 65534 cannot reach it
+    r = Running(top)
+    try:
+        top.chmod(0o777)
+        (top / ipc.SOCKET_NAME).chmod(0o666)
+        client = ("import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+                  "s.sendall(b'{\"cmd\": \"status\"}\\n'); print(s.makefile().readline(), end='')")
+        out = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                              sys.executable, "-c", client, str(top / ipc.SOCKET_NAME)],
+                             capture_output=True, text=True, timeout=30)
+        assert json.loads(out.stdout) == {"ok": False, "error": "uid 65534 may not use this "
+                                          "supervisor (only its own user and root)"}, out.stderr
+        assert ipc.call(top, "status")["ok"] is True  # its own user still is served
+    finally:
+        r.stop()
+        shutil.rmtree(top)
