@@ -132,11 +132,23 @@ def _print_lines(path: Path, lines: int, follow: bool, show: Callable[[str], str
     return EXIT_OK
 
 
+def _no_proxy_dir(data_dir: Path, name: str) -> str | None:
+    """Why `logs`/`events NAME` cannot read proxy NAME in `data_dir`, or None. A data
+    dir the caller may not enter (0700, another user's) is said so, not a traceback."""
+    try:
+        if (data_dir / "proxies" / name).is_dir():
+            return None
+    except PermissionError:
+        return (f"permission denied on {data_dir / 'proxies' / name} "
+                "(run as the supervisor's user, or root)")
+    return f"no proxy named {name!r} in {data_dir}"
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     from supervisor.cli import register_secrets
     path = args.data_dir / "proxies" / args.name / "tailscaled.log"
-    if not path.parent.is_dir():
-        _err(f"no proxy named {args.name!r} in {args.data_dir}")
+    if problem := _no_proxy_dir(args.data_dir, args.name):
+        _err(problem)
         return EXIT_ERROR
     register_secrets(args)
     return _print_lines(path, args.lines, args.follow, redact, f"{path}: no log yet")
@@ -168,8 +180,8 @@ def cmd_events(args: argparse.Namespace) -> int:
         return _json_line(line) if args.json else _event_line(line)
     from supervisor.cli import register_secrets
     path = args.data_dir / "events.jsonl"
-    if args.name and not (args.data_dir / "proxies" / args.name).is_dir():
-        _err(f"no proxy named {args.name!r} in {args.data_dir}")  # as logs says it
+    if args.name and (problem := _no_proxy_dir(args.data_dir, args.name)):
+        _err(problem)  # as logs says it
         return EXIT_ERROR
     register_secrets(args)
     return _print_lines(path, args.lines, args.follow, show,
@@ -271,7 +283,10 @@ def cmd_add(args: argparse.Namespace) -> int:
         if args.port is not None:
             raw["port"] = args.port
     for key, value in (("login_server", args.login_server), ("auth_key_file", args.auth_key_file),
-                       ("auth_key_env", args.auth_key_env)):
+                       ("auth_key_env", args.auth_key_env),
+                       ("oauth_client_secret_file", args.oauth_client_secret_file),
+                       ("oauth_client_secret_env", args.oauth_client_secret_env),
+                       ("api_token_file", args.api_token_file), ("api_token_env", args.api_token_env)):
         if value:
             raw[key] = value
     if args.ephemeral:
@@ -380,6 +395,12 @@ def add_parsers(sub: Any, common: Any) -> None:
     add.add_argument("--login-server", help='a URL, or "embedded" (default: Tailscale\'s hosted control)')
     add.add_argument("--auth-key-file")
     add.add_argument("--auth-key-env")
+    add.add_argument("--oauth-client-secret-file", metavar="FILE",
+                     help="an OAuth client (scopes auth_keys, devices:core) that mints a key per "
+                          "login; needs --tag")
+    add.add_argument("--oauth-client-secret-env", metavar="VAR")
+    add.add_argument("--api-token-file", metavar="FILE", help="an API access token (tskey-api-...)")
+    add.add_argument("--api-token-env", metavar="VAR")
     add.add_argument("--ephemeral", action="store_true")
     add.add_argument("--tag", action="append", default=[])
     add.set_defaults(func=cmd_add)
