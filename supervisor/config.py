@@ -746,6 +746,9 @@ def api_base_problem(base: str) -> str | None:
     parts = urlsplit(base)
     if parts.query or parts.fragment or "?" in base or "#" in base:
         return f"{show(base)} must not carry a ?query or #fragment"
+    if parts.path.rstrip("/").endswith("/api/v2"):  # the supervisor adds /api/v2/... itself
+        return (f"{show(base)}: give the base without /api/v2 (e.g. https://api.tailscale.com): "
+                "the supervisor adds the API's paths itself")
     if parts.scheme == "http":
         from supervisor.tsapi import loopback_host  # the client refuses the same
         if not loopback_host(parts.hostname):

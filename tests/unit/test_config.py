@@ -804,6 +804,8 @@ def test_a_secret_is_read_once_registered_for_redaction_and_never_fingerprinted(
     ("https://api.example.com/?x=1", "must not carry a ?query"),
     ("https://user:pw@api.example.com", "must not carry USER:PASSWORD@"),
     ("gopher://x", "must look like"),
+    ("https://api.tailscale.com/api/v2", "without /api/v2"),   # Tailscale's docs write it so; it
+    ("https://api.tailscale.com/api/v2/", "without /api/v2"),  # gave .../api/v2/api/v2/...: 404s
 ])
 def test_a_bad_api_base_is_one_settings_line(tmp_path, value, words):
     p = tmp_path / "ts-supervisor.toml"
