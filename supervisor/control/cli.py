@@ -197,7 +197,11 @@ def _serve(args: argparse.Namespace) -> int:
         await stop.wait()
         await server.stop()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as e:  # another control serves the dir, a port or dir it cannot have: one line
+        print(f"ts-supervisor control: error: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -123,6 +123,13 @@ def test_a_second_control_on_the_same_dir_is_refused_in_one_line(tmp_path: Path)
             await other.start()
         assert "another control serves" in str(e.value) and "\n" not in str(e.value)
         await other.stop()
+        cli = await asyncio.to_thread(  # `control serve` says so in one line (it was a traceback)
+            subprocess.run, [sys.executable, "-m", "supervisor", "control", "--control-dir",
+                             str(srv.data_dir), "serve"], cwd=ROOT, capture_output=True, text=True,
+            timeout=60)
+        assert cli.returncode == 1 and cli.stdout == "", cli.stderr
+        assert cli.stderr.startswith("ts-supervisor control: error: another control serves") \
+            and cli.stderr.count("\n") == 1, cli.stderr
         assert await asyncio.to_thread(lambda: AdminClient.from_data_dir(srv.data_dir).nodes()) == []
     run(tmp_path / "control", body)
 
