@@ -55,8 +55,8 @@ class ApiServer:
     `fault_status`: while set, every /api/v2 request answers it with a JSON body (the
     protocol is untouched)."""
 
-    ADMIN_OPS = frozenset({"create_oauth_client", "revoke_oauth_client", "create_api_token",
-                           "set_tag_owners"})
+    ADMIN_OPS = frozenset({"create_oauth_client", "revoke_oauth_client", "list_oauth_clients",
+                           "create_api_token", "list_api_tokens", "set_tag_owners", "tag_owners"})
 
     def __init__(self, tailnet: Tailnet, online: Callable[[int], bool],
                  trust: Callable[[asyncio.StreamWriter], None] = lambda writer: None) -> None:
@@ -73,8 +73,10 @@ class ApiServer:
         return self._credential
 
     def admin(self, op: str, **args: Any) -> Any:
-        """`create_oauth_client(scopes=[...], tags=[...])` and `create_api_token()` ->
-        {"id", "secret"}; `revoke_oauth_client(id=...)`; `set_tag_owners(owners={...})`."""
+        """`create_oauth_client(scopes=[...], tags=[...])` and `create_api_token(expiry=S)` ->
+        {"id", "secret", ...} (the only answers that carry a secret; the control keeps its
+        hash); `revoke_oauth_client(id=...)`; `list_oauth_clients`, `list_api_tokens` (no
+        secrets); `set_tag_owners(owners={...})` replaces the map, `tag_owners` shows it."""
         t = self.tailnet
         if op == "create_oauth_client":
             scopes, tags = args.get("scopes") or [], args.get("tags") or []
@@ -85,6 +87,14 @@ class ApiServer:
         if op == "create_api_token":
             token, secret = t.create_api_token(**({"expiry": args["expiry"]} if "expiry" in args else {}))
             return {"id": token.id, "secret": secret, "expires": token.expires}
+        if op == "list_oauth_clients":
+            return [{"id": c.id, "scopes": c.scopes, "tags": c.tags, "created": c.created,
+                     "revoked": c.revoked} for c in t.oauth_clients.values()]
+        if op == "list_api_tokens":
+            return [{"id": k.id, "created": k.created, "expires": k.expires, "revoked": k.revoked}
+                    for k in t.api_tokens.values()]
+        if op == "tag_owners":
+            return t.tag_owners
         if op == "revoke_oauth_client":
             client = t.revoke_oauth_client(str(args.get("id")))
             return {"id": client.id, "revoked": client.revoked}

@@ -15,6 +15,8 @@ import json
 import signal
 import socket
 import sys
+import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -141,13 +143,29 @@ class AdminClient:
         return self.call("GET", f"events?since={since!r}")
 
     def act(self, kind: str, ident: str | int, verb: str) -> dict[str, Any]:
-        return self.call("POST", f"{kind}/{ident}/{verb}", {})
+        """POST {kind}/{ident}/{verb}: a node by stable ID or numeric id, a key or OAuth
+        client by its id."""
+        return self.call("POST", f"{kind}/{urllib.parse.quote(str(ident), safe='')}/{verb}", {})
 
     def set_fault(self, status: int | None = None, register_status: int | None = None) -> Any:
         return self.call("POST", "fault", {"status": status, "register_status": register_status})
 
     def caps(self) -> dict[str, Any]:
         return self.call("GET", "caps")
+
+    def create_oauth_client(self, scopes: list[str], tags: list[str]) -> dict[str, Any]:
+        """{"id", "secret", "scopes", "tags"}: the secret (`tskey-client-...`) is in this
+        answer only; the control keeps its hash."""
+        return self.call("POST", "oauth-clients", {"scopes": scopes, "tags": tags})
+
+    def create_api_token(self, expiry: float | None = None) -> dict[str, Any]:
+        """{"id", "secret", "expires"} of a new API access token of the tailnet's admin user
+        (`tskey-api-...`, in this answer only); `expiry` seconds, None: the control's default."""
+        return self.call("POST", "tokens", {} if expiry is None else {"expiry": expiry})
+
+    def set_tag_owners(self, owners: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Replace the tailnet's tagOwners ({"tag:web": ["tag:ops"]}); the new map."""
+        return self.call("POST", "tag-owners", {"owners": owners})
 
     def set_caps(self, node: int | str | None = None, *, https: bool = False, funnel: bool = False,
                  funnel_ports: str | list[int | str] = "", inherit: bool = False) -> dict[str, Any]:
@@ -219,6 +237,19 @@ def _admin(args: argparse.Namespace) -> int:
                 out = client.act("keys", args.id, args.verb)
         elif args.what == "nodes":
             out = client.nodes() if args.verb == "list" else client.act("nodes", args.id, args.verb)
+        elif args.what == "oauth-clients":
+            if args.verb == "create":
+                return _print_secret(client.create_oauth_client(_commas(args.scope), _commas(args.tag)),
+                                     "OAuth client", args.json)
+            out = (client.call("GET", "oauth-clients") if args.verb == "list"
+                   else client.act("oauth-clients", args.id, "revoke"))
+        elif args.what == "tokens":
+            if args.verb == "create":
+                return _print_secret(client.create_api_token(args.expiry), "API access token", args.json)
+            out = client.call("GET", "tokens")
+        elif args.what == "tag-owners":
+            out = (client.call("GET", "tag-owners") if args.verb == "list"
+                   else client.set_tag_owners(_tag_owner_pairs(args.owners)))
         elif args.what == "events":
             out = client.events(args.since)
         elif args.what == "peers":
@@ -239,15 +270,64 @@ def _admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _commas(values: list[str]) -> list[str]:
+    """Repeated and comma-separated option values as one list: --tag a,b --tag c."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _tag_owner_pairs(pairs: list[str]) -> dict[str, list[str]]:
+    """["tag:web=tag:ops,tag:admin", ...] -> {"tag:web": ["tag:ops", "tag:admin"]};
+    RuntimeError (one line) for a pair without "=" or a tag given twice."""
+    owners: dict[str, list[str]] = {}
+    for pair in pairs:
+        tag, eq, who = pair.partition("=")
+        if not eq or not tag.strip():
+            raise RuntimeError(f"tag-owners set: want TAG=OWNER[,OWNER...], got {pair!r:.60}")
+        if tag.strip() in owners:
+            raise RuntimeError(f"tag-owners set: {tag.strip()} given twice")
+        owners[tag.strip()] = _commas([who])
+    return owners
+
+
+def _print_secret(made: dict[str, Any], what: str, as_json: bool) -> int:
+    """A new credential's secret goes to stdout once, alone on its line (`> file` keeps
+    just the secret), and what it is to stderr without it; `as_json`: the control's whole
+    answer on stdout instead. Nothing else ever shows the secret: the control keeps a hash."""
+    if as_json:
+        print(json.dumps(made, indent=2))
+        return 0
+    print(made["secret"], flush=True)
+    def shown(k: str, v: Any) -> str:
+        if isinstance(v, list):
+            return ",".join(map(str, v))
+        if k == "expires" and isinstance(v, (int, float)):  # the control's wall clock
+            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v))
+        return str(v)
+    facts = ", ".join(f"{k} {shown(k, v)}" for k, v in made.items()
+                      if k not in ("id", "secret") and v not in (None, []))
+    print(f"{what} {made['id']} created{f' ({facts})' if facts else ''}; its secret is on stdout, "
+          f"shown only this once", file=sys.stderr)
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     from supervisor.cli import default_data_dir
 
+    help_dir = "the control's data dir (default: the supervisor's DATA/control)"
     p = sub.add_parser("control", help="the embedded control plane: serve it, or administer it")
-    p.add_argument("--control-dir", type=Path, default=default_data_dir() / "control",
-                   help="the control's data dir (default: the supervisor's DATA/control)")
+    p.add_argument("--control-dir", type=Path, default=default_data_dir() / "control", help=help_dir)
+    # --control-dir is taken after any subcommand too (`control nodes list --control-dir X`).
+    # SUPPRESS: a subcommand that is not given it leaves the value parsed before it alone
+    # (argparse copies a subparser's defaults over its parent's values).
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--control-dir", type=Path, default=argparse.SUPPRESS, help=help_dir)
+
+    def parser(subs: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
+        return subs.add_parser(name, parents=[where], **kw)
+
     csub = p.add_subparsers(dest="what", required=True)
 
-    s = csub.add_parser("serve", help="run a standalone control on loopback")
+    s = parser(csub, "serve", help="run a standalone control on loopback")
     s.add_argument("--port", type=int, default=0)
     s.add_argument("--reap-after", type=float, default=30.0,
                    help="seconds after an ephemeral node's map poll ends before it is removed")
@@ -255,9 +335,9 @@ def add_parser(sub: Any) -> None:
                    help="clients: proxies see client nodes but not each other (default); all: everyone")
     s.set_defaults(func=_serve)
 
-    keys = csub.add_parser("keys", help="create, list, revoke or expire auth keys")
+    keys = parser(csub, "keys", help="create, list, revoke or expire auth keys")
     ksub = keys.add_subparsers(dest="verb", required=True)
-    create = ksub.add_parser("create")
+    create = parser(ksub, "create")
     create.add_argument("--reusable", action="store_true")
     create.add_argument("--ephemeral", action="store_true")
     create.add_argument("--expiry", type=float, default=90 * 86400.0, help="seconds")
@@ -267,39 +347,68 @@ def add_parser(sub: Any) -> None:
                              "(default: the tailnet's admin user)")
     create.add_argument("--proxy", action="store_true",
                         help="its nodes count as the supervisor's proxies (for the peers policy)")
-    ksub.add_parser("list")
+    parser(ksub, "list")
     for verb in ("revoke", "expire"):
-        ksub.add_parser(verb).add_argument("id")
+        parser(ksub, verb).add_argument("id")
 
-    nodes = csub.add_parser("nodes", help="list, delete or expire nodes")
+    nodes = parser(csub, "nodes", help="list, delete or expire nodes")
     nsub = nodes.add_subparsers(dest="verb", required=True)
-    nsub.add_parser("list")
+    parser(nsub, "list", help="every node: id, node_id (its stable ID), name, addresses, ...")
     for verb in ("delete", "expire"):
-        nsub.add_parser(verb).add_argument("id")
+        parser(nsub, verb).add_argument(
+            "id", help="the node's stable ID (nXXXXCNTRL, as status --json shows) or numeric id")
 
-    caps = csub.add_parser("caps", help="grant nodes HTTPS and Funnel capabilities (none by default)")
+    oauth = parser(csub, "oauth-clients", help="create, list or revoke OAuth clients (the API's)")
+    osub = oauth.add_subparsers(dest="verb", required=True)
+    ocreate = parser(osub, "create", help="a new client; its secret is printed once, on stdout")
+    ocreate.add_argument("--scope", "--scopes", action="append", default=[], required=True,
+                         metavar="SCOPES", help="e.g. auth_keys,devices:core (comma-separated, repeatable)")
+    ocreate.add_argument("--tag", "--tags", action="append", default=[], metavar="TAGS",
+                         help="the tags it may give, e.g. tag:web (comma-separated, repeatable; "
+                              "required with auth_keys or devices:core)")
+    ocreate.add_argument("--json", action="store_true",
+                         help="print the whole answer (id, secret, scopes, tags) as JSON")
+    parser(osub, "list", help="the clients (no secrets)")
+    parser(osub, "revoke", help="its access tokens stop working at once").add_argument("id")
+
+    tokens = parser(csub, "tokens", help="create or list API access tokens (the API's)")
+    tsub = tokens.add_subparsers(dest="verb", required=True)
+    tcreate = parser(tsub, "create", help="a token of the tailnet's admin user; printed once, on stdout")
+    tcreate.add_argument("--expiry", type=float, help="seconds (default: 90 days)")
+    tcreate.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    parser(tsub, "list", help="the tokens (no secrets)")
+
+    owners = parser(csub, "tag-owners", help="show or replace tagOwners: which tags may give which")
+    osub2 = owners.add_subparsers(dest="verb", required=True)
+    parser(osub2, "list")
+    oset = parser(osub2, "set", help="replace the whole map (nothing given: empty it)")
+    oset.add_argument("owners", nargs="*", metavar="TAG=OWNER[,OWNER]",
+                      help="e.g. tag:web=tag:ops: a client with tag:ops may give tag:web")
+
+    caps = parser(csub, "caps", help="grant nodes HTTPS and Funnel capabilities (none by default)")
     capsub = caps.add_subparsers(dest="verb", required=True)
-    capsub.add_parser("list", help="the tailnet default and each node's capabilities")
-    cset = capsub.add_parser("set", help="grant exactly the capabilities given (others withdrawn)")
-    cset.add_argument("--node", metavar="ID", help="one node (default: the tailnet-wide default)")
+    parser(capsub, "list", help="the tailnet default and each node's capabilities")
+    cset = parser(capsub, "set", help="grant exactly the capabilities given (others withdrawn)")
+    cset.add_argument("--node", metavar="ID", help="one node, by stable ID or numeric id "
+                                                   "(default: the tailnet-wide default)")
     cset.add_argument("--https", action="store_true", help="the https capability and CertDomains")
     cset.add_argument("--funnel", action="store_true", help="the funnel node attribute")
     cset.add_argument("--funnel-ports", default="", metavar="PORTS",
                       help="the funnel-ports capability, e.g. 443,8443,10000-10010")
     cset.add_argument("--inherit", action="store_true", help="return --node to the tailnet default")
 
-    peers = csub.add_parser("peers", help="show or change who sees whom (until the control's next start)")
+    peers = parser(csub, "peers", help="show or change who sees whom (until the control's next start)")
     peers.add_argument("policy", nargs="?", choices=("clients", "all"),
                        help="clients: proxies see client nodes, not each other; all: every node "
                             "sees every node (default: show the policy)")
 
-    ev = csub.add_parser("events", help="the control's decision log (monotonic times)")
+    ev = parser(csub, "events", help="the control's decision log (monotonic times)")
     ev.add_argument("--since", type=float, default=0.0)
 
-    fault = csub.add_parser("fault", help="make /machine/ answer an HTTP error (an outage)")
+    fault = parser(csub, "fault", help="make /machine/ answer an HTTP error (an outage)")
     fault.add_argument("--status", type=int)
     fault.add_argument("--register-status", type=int)
     fault.add_argument("--clear", action="store_true")
 
-    for sp in (keys, nodes, caps, peers, ev, fault):
+    for sp in (keys, nodes, oauth, tokens, owners, caps, peers, ev, fault):
         sp.set_defaults(func=_admin)

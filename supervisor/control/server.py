@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import h2.config
 import h2.connection
@@ -308,13 +308,13 @@ class ControlServer:
         if op == "list_nodes":
             return self.list_nodes()
         if op == "delete_node":
-            node = t.delete_node(_node_id(args["id"]))
+            node = t.delete_node(t.node_ref(args["id"]).id)
             return t.public_node(node, False)
         if op == "expire_node":
-            node = t.expire_node(_node_id(args["id"]))
+            node = t.expire_node(t.node_ref(args["id"]).id)
             return t.public_node(node, self.online(node.id))
         if op == "set_caps":
-            nid = None if args.get("node") is None else _node_id(args["node"])
+            nid = None if args.get("node") is None else t.node_ref(args["node"]).id
             unknown = set(args) - {"node", "inherit", *NO_CAPS}
             if unknown:
                 raise AdminError(f"set_caps: unknown argument {sorted(unknown)[0]!r}")
@@ -1032,32 +1032,29 @@ def _reply(writer: asyncio.StreamWriter, status: int, body: str, ctype: str = "t
 
 
 def _admin_route(method: str, target: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Map an admin HTTP request to (operation, arguments)."""
+    """Map an admin HTTP request to (operation, arguments). A node in a path is its
+    numeric id or its stable ID (Tailnet.find_node)."""
     url = urlsplit(target)
-    parts = [p for p in url.path.split("/") if p][1:]  # drop "admin"
+    parts = [unquote(p) for p in url.path.split("/") if p][1:]  # drop "admin"
     query = {k: v[-1] for k, v in parse_qs(url.query).items()}
     routes = {
         ("GET", "keys"): "list_keys", ("POST", "keys"): "create_key",
         ("GET", "nodes"): "list_nodes", ("GET", "events"): "events",
         ("POST", "fault"): "set_fault", ("GET", "caps"): "list_caps", ("POST", "caps"): "set_caps",
         ("GET", "control"): "control", ("GET", "peers"): "peers", ("POST", "peers"): "set_peers",
+        ("GET", "oauth-clients"): "list_oauth_clients", ("POST", "oauth-clients"): "create_oauth_client",
+        ("GET", "tokens"): "list_api_tokens", ("POST", "tokens"): "create_api_token",
+        ("GET", "tag-owners"): "tag_owners", ("POST", "tag-owners"): "set_tag_owners",
     }
     if len(parts) == 1 and (method, parts[0]) in routes:
         return routes[(method, parts[0])], {**query, **body}
-    if len(parts) == 3 and method == "POST" and parts[0] in ("keys", "nodes"):
+    if len(parts) == 3 and method == "POST":
         op = {("keys", "revoke"): "revoke_key", ("keys", "expire"): "expire_key",
-              ("nodes", "delete"): "delete_node", ("nodes", "expire"): "expire_node"}.get(
-            (parts[0], parts[2]))
+              ("nodes", "delete"): "delete_node", ("nodes", "expire"): "expire_node",
+              ("oauth-clients", "revoke"): "revoke_oauth_client"}.get((parts[0], parts[2]))
         if op:
             return op, {"id": parts[1]}
     raise AdminError(f"no admin route {method} {url.path}")
-
-
-def _node_id(value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise AdminError(f"no node {value}") from None
 
 
 def _opt_float(value: Any) -> float | None:

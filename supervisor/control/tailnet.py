@@ -668,6 +668,24 @@ class Tailnet:
         except KeyError:
             raise AdminError(f"no node {node_id}") from None
 
+    def find_node(self, ident: int | str) -> Node | None:
+        """A node by its numeric id (an int or its digits) or its stable ID (`n…CNTRL`,
+        tailcfg.StableNodeID: `Self.ID` in `tailscale status --json`, the API's `nodeId`),
+        as the v2 API accepts either (publicapi/device.md). None if there is none."""
+        if isinstance(ident, int) and not isinstance(ident, bool):
+            return self.nodes.get(ident)
+        ident = str(ident)
+        if re.fullmatch(r"[0-9]{1,15}", ident):
+            return self.nodes.get(int(ident))
+        return next((n for n in self.nodes.values() if n.stable_id == ident), None) if ident else None
+
+    def node_ref(self, ident: int | str) -> Node:
+        """find_node, or AdminError("no node IDENT") for the admin API."""
+        node = self.find_node(ident)
+        if node is None:
+            raise AdminError(f"no node {str(ident)[:40]}")
+        return node
+
     def _unique_name(self, hostname: str, node: Node | None = None) -> str:
         base = dns_label(hostname)
         taken = {n.name for n in self.nodes.values() if n is not node}
@@ -719,8 +737,8 @@ class Tailnet:
         return node
 
     def public_node(self, node: Node, online: bool) -> dict[str, Any]:
-        """A node as the admin API shows it."""
-        return {"id": node.id, "hostname": node.hostname, "name": node.name,
+        """A node as the admin API shows it: `id` the numeric id, `node_id` the stable ID."""
+        return {"id": node.id, "node_id": node.stable_id, "hostname": node.hostname, "name": node.name,
                 "addresses": [node.ipv4, node.ipv6], "node_key": node.node_key,
                 "key_id": node.key_id, "ephemeral": node.ephemeral, "tags": node.tags,
                 "user": self.owner(node), "caps": self.caps(node), "caps_inherited": node.caps is None,
@@ -977,10 +995,7 @@ class Tailnet:
         """A node by the API's numeric `id` or its `nodeId` (publicapi/device.md: both are
         accepted); Refused 404 if there is none."""
         self._need(actor, SCOPE_DEVICES, write=write)
-        if re.fullmatch(r"[0-9]{1,15}", ident):
-            node = self.nodes.get(int(ident))
-        else:
-            node = next((n for n in self.nodes.values() if n.stable_id == ident), None)
+        node = self.find_node(ident)
         if node is None:
             raise Refused(404, "device not found")
         return node
