@@ -360,7 +360,9 @@ def parse_proxy(path: Path, raw: dict[str, Any], tailscale_version: tuple[int, .
                                       "\"embedded\")")
     for what, label, value in (("auth key", key_key, key), ("OAuth client secret", oauth_key, oauth),
                                ("API access token", token_key, token)):
-        if value is not None and (problem := _secret_problem(what, value)):
+        env = {key_key: key_env, oauth_key: oauth_env, token_key: token_env}.get(label)
+        source = f"environment variable {env}" if label.endswith("_env") and env else ""
+        if value is not None and (problem := _secret_problem(what, value, source)):
             errs.add(label, problem)
 
     ephemeral = _typed(raw, "ephemeral", bool, errs, "true or false")
@@ -396,11 +398,24 @@ _KEY_FOR = {"auth key": "auth_key_file", "OAuth client secret": "oauth_client_se
             "API access token": "api_token_file"}
 
 
-def _secret_problem(what: str, secret: str) -> str | None:
+# What a secret is made of. Tailscale's keys are `tskey-KIND-ID-SECRET`
+# (tailscale/tailscale client/tailscale/keys.go); headscale's pre-auth keys are
+# `hskey-auth-PREFIX-SECRET` (base64url, 0.26 and later) or 48 hex characters,
+# its API keys `PREFIX.SECRET` (juanfont/headscale hscontrol/db/api_key.go,
+# util.GenerateRandomStringURLSafe: base64url). So: letters, digits, `_`, `-`, `.`.
+_SECRET_RE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _secret_problem(what: str, secret: str, source: str = "") -> str | None:
     """Why `secret`, given as a `what` ("auth key", "OAuth client secret", "API
-    access token"), cannot be used, or None. Never quotes the secret."""
+    access token") from `source` (e.g. "environment variable X"), cannot be
+    used, or None. Never quotes the secret: it must look like a key, at least
+    events.SECRET_MIN characters (shorter ones would not be redacted) from
+    _SECRET_RE's alphabet (a path, a word list or a URL is not a key)."""
+    from supervisor.events import SECRET_MIN
+    src = f" ({source})" if source else ""
     if not secret.isprintable() or any(c.isspace() for c in secret):
-        return f"the {what} has spaces or control characters inside; a secret is one word"
+        return f"the {what}{src} has spaces or control characters inside; a secret is one word"
     for other, prefix in _PREFIXES.items():
         if other != what and secret.startswith(prefix):
             hint = (" (the supervisor then mints one single-use key per login and deletes it)"
@@ -409,6 +424,12 @@ def _secret_problem(what: str, secret: str) -> str | None:
     if what == "OAuth client secret" and "?" in secret:
         return ("the secret carries ?attributes (the CLI's form); give the bare secret: ephemeral "
                 "and tags come from this file, and minted keys are always preauthorized")
+    if len(secret) < SECRET_MIN:
+        return (f"the {what}{src} is {len(secret)} characters; a key is at least {SECRET_MIN} "
+                "(e.g. tskey-auth-...): this is not the key you meant")
+    if not _SECRET_RE.fullmatch(secret):
+        return (f"the {what}{src} does not look like a key: a key has only letters, digits, "
+                "'_', '-' and '.' (e.g. tskey-auth-...), not a path, a list or a URL")
     return None
 
 

@@ -25,11 +25,16 @@ _KEY_RE = re.compile(r"tskey-[A-Za-z0-9_-]+")
 _HSKEY_RE = re.compile(_TOKEN + r"hskey-[A-Za-z0-9_-]+")
 _HEX48_RE = re.compile(_TOKEN + r"[0-9a-fA-F]{48}(?![A-Za-z0-9_-])")
 _secrets: set[str] = set()
+# The shortest text `redact` removes as a registered secret: anything shorter
+# would also cut common words out of every line. config.py refuses a secret
+# shorter than this (a real key is far longer), so none can be shown.
+SECRET_MIN = 8
 
 
 def register_secret(secret: str) -> None:
-    """Remember a secret so that `redact` removes it even if it has no tskey- prefix."""
-    if secret and len(secret) >= 8:
+    """Remember a secret so that `redact` removes it even if it has no tskey- prefix.
+    One shorter than SECRET_MIN is ignored (config.py refuses it)."""
+    if secret and len(secret) >= SECRET_MIN:
         _secrets.add(secret)
 
 
