@@ -179,6 +179,38 @@ def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
 # The one-recovery budget, on disk so a supervisor restart never wipes twice.
 
 
+def _ago(seconds: float) -> str:
+    """A duration for a reason line: "40 s", "12 min", "3 h", "2 d"."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def exhausted_reason(reason: str, record: BudgetRecord, name: str, now: float,
+                     healthy_period: float, during_recovery: bool) -> str:
+    """A `failed` reason for a rejection that found no recovery left, in one line:
+    `reason` (what happened), then what the one recovery did and when
+    (`record`: spent_at is wall-clock seconds; `now` too), when it would have
+    come back (`healthy_period` s running), and the command that tries again.
+    `during_recovery`: the recovery itself was rejected (it did not help)."""
+    if record.restored and record.wiped:
+        what = "restored state, then wiped it"
+    elif record.restored:
+        what = "restored state"
+    elif record.wiped:
+        what = "wiped state"
+    else:
+        what = "logged in again"
+    retry = f"`ts-supervisor restart {name}` gives it back and tries again"
+    if during_recovery:
+        return f"{reason}; the one recovery ({what}) did not help — {retry}"
+    when = f" {_ago(now - record.spent_at)} ago" if record.spent_at else ""
+    return (f"{reason}; the one recovery was used{when} ({what}) and returns only after "
+            f"{_ago(healthy_period)} running — {retry}")
+
+
 @dataclass
 class BudgetRecord:
     armed: bool = True

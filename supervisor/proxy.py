@@ -420,6 +420,10 @@ class Proxy:
         if a is Action.STOP:  # stopped or failed means the children are gone: stop them first
             await self._stop_children(logout=self.cfg.ephemeral and d.state is State.STOPPED,
                                       clear_serve=d.state is State.STOPPED)
+        if d.state is State.FAILED and sig in _REJECTIONS and d.event in ("failed", "recovery_failed"):
+            # no recovery left: say which one was used, when, and what tries again
+            reason = policy.exhausted_reason(reason, self.budget.record, self.cfg.name, time.time(),
+                                             self.ctx.settings.healthy_period, d.event == "recovery_failed")
         if d.event:
             self._transition(d.state, d.event, reason)
         elif sig is Signal.DEGRADED and self.state is State.DEGRADED and reason != self.reason:

@@ -90,3 +90,29 @@ def test_state_that_is_not_plaintext_is_never_taken_for_good(sup, control, tmp_p
     sup.wait_state("app", "running", 40, after=n)
     evs = app_events(sup, n)
     assert "restored" not in evs and evs.count("wiped") == 1
+
+
+def test_a_node_deleted_after_a_restore_fails_saying_the_recovery_was_used_and_what_retries(
+        sup, control, tmp_path):
+    """A fresh user's report: restored state, then the node deleted 40 s later,
+    went straight to `failed` without saying the one recovery was spent, when,
+    or what tries again."""
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    assert sup.stop() == 0
+    (sup.data_dir / "proxies" / "app" / "state" / "tailscaled.state").write_bytes(b"")
+    n = len(sup.events())
+    sup.start()
+    sup.wait_state("app", "running", 30, after=n)
+    assert "restored" in app_events(sup, n)
+    n = len(sup.events())
+    control.admin("delete_node", id=control.node_named("app")["id"])
+    failed = sup.wait_state("app", "failed", 60, after=n)
+    reason = failed["reason"]
+    assert reason.startswith("node deleted") and "\n" not in reason, reason
+    assert "; the one recovery was used " in reason and " s ago (restored state)" in reason, reason
+    assert "`ts-supervisor restart app` gives it back and tries again" in reason, reason
+    assert sup.status()["app"]["reason"] == reason
+    n = len(sup.events())
+    out = sup.cli("restart", "app", "--data-dir", str(sup.data_dir))
+    assert out.returncode == 0, out.stderr
+    sup.wait_state("app", "running", 40, after=n)  # the budget back: the deleted node is replaced

@@ -202,3 +202,35 @@ def test_a_state_on_another_control_is_re_registered_before_tailscaled_can_dial_
         assert v is None
     else:
         assert v.signal is Signal.REREGISTER and v.reason == verdict
+
+
+# -- a `failed` reason from an exhausted budget says so, in one line --------------------------
+
+GONE = "node deleted on the control (map poll: 404 node not found)"
+
+
+@pytest.mark.parametrize("record,now,during,text", [
+    (policy.BudgetRecord(armed=False, spent_at=1000.0, restored=True), 1040.0, False,
+     f"{GONE}; the one recovery was used 40 s ago (restored state) and returns only after 10 min "
+     "running — `ts-supervisor restart web` gives it back and tries again"),
+    (policy.BudgetRecord(armed=False, spent_at=1000.0, wiped=True), 1000.0 + 3 * 3600 + 5, False,
+     f"{GONE}; the one recovery was used 3 h ago (wiped state) and returns only after 10 min "
+     "running — `ts-supervisor restart web` gives it back and tries again"),
+    (policy.BudgetRecord(armed=False, spent_at=1000.0), 1125.0, False,
+     f"{GONE}; the one recovery was used 2 min ago (logged in again) and returns only after 10 min "
+     "running — `ts-supervisor restart web` gives it back and tries again"),
+    (policy.BudgetRecord(armed=False), 1125.0, False,  # a record from before spent_at: no age
+     f"{GONE}; the one recovery was used (logged in again) and returns only after 10 min "
+     "running — `ts-supervisor restart web` gives it back and tries again"),
+    (policy.BudgetRecord(armed=False, spent_at=1000.0, restored=True, wiped=True), 1010.0, True,
+     f"{GONE}; the one recovery (restored state, then wiped it) did not help — "
+     "`ts-supervisor restart web` gives it back and tries again"),
+])
+def test_exhausted_reason(record, now, during, text):
+    assert policy.exhausted_reason(GONE, record, "web", now, 600.0, during) == text
+
+
+@pytest.mark.parametrize("seconds,text", [(0, "0 s"), (59, "59 s"), (60, "1 min"), (599, "9 min"),
+                                          (3600, "1 h"), (86400 * 2 + 5, "2 d"), (-3, "0 s")])
+def test_ago(seconds, text):
+    assert policy._ago(seconds) == text
