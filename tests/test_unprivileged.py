@@ -513,3 +513,13 @@ def test_setup_names_a_missing_system_tool_and_fails_ci(tmp_path, ci, rc, says):
     out = subprocess.run([tool("bash"), str(ROOT / "scripts" / "system-deps")], capture_output=True,
                          text=True, timeout=60, env={"PATH": str(bindir), "CI": ci})
     assert (out.returncode, out.stdout) == (rc, "") and out.stderr.startswith(says), out.stderr
+
+
+def test_the_units_documentation_is_this_projects_readme(tmp_path):
+    """`Documentation=` named tsnsrv's repository (whose hardening the unit
+    borrows), so `systemctl help ts-supervisor` led elsewhere. It is this
+    install's README, a file: URI that the install path fills in as ExecStart's."""
+    (doc,) = unit_settings(UNIT.read_text())["Unit"]["Documentation"]
+    assert doc == "file:/opt/ts-supervisor/README.md"
+    (filled,) = unit_settings(filled_unit(tmp_path).read_text())["Unit"]["Documentation"]
+    assert Path(filled.removeprefix("file:")) == ROOT / "README.md" and (ROOT / "README.md").is_file()
