@@ -40,10 +40,35 @@ def settings_path(args: argparse.Namespace) -> Path | None:
     return SYSTEM_SETTINGS if os.path.lexists(SYSTEM_SETTINGS) else None
 
 
+_cwd_hint_given = False
+
+
+def cwd_settings_hint(args: argparse.Namespace, cwd: Path | None = None) -> str | None:
+    """One warning line when --settings is not given and the working directory
+    holds a ts-supervisor.toml, which is never read (whoever may write the
+    working directory would name the binaries root executes); None otherwise."""
+    here = (cwd or Path.cwd()) / SYSTEM_SETTINGS.name
+    if args.settings is not None or not os.path.lexists(here):
+        return None
+    try:
+        if os.path.lexists(SYSTEM_SETTINGS) and os.path.samefile(here, SYSTEM_SETTINGS):
+            return None  # run from /etc/ts-supervisor: that file is the one read
+    except OSError:
+        pass
+    used = SYSTEM_SETTINGS if os.path.lexists(SYSTEM_SETTINGS) else "built-in defaults"
+    return (f"{here} is ignored (settings are never read from the working directory; using "
+            f"{used}): pass --settings {here}, or move it to {SYSTEM_SETTINGS}")
+
+
 def _settings(args: argparse.Namespace) -> cfgmod.Settings:
     """The settings (settings_path), trusted as root trusts: the file itself only
     if no one but root and this user can write it (its own trust_acl_paths cannot
-    vouch for it), the files it names by its ACL-aware policy. Raises SettingsError."""
+    vouch for it), the files it names by its ACL-aware policy. Raises SettingsError.
+    Warns once per process about an ignored ./ts-supervisor.toml (cwd_settings_hint)."""
+    global _cwd_hint_given
+    if not _cwd_hint_given and (hint := cwd_settings_hint(args)):
+        _cwd_hint_given = True
+        _warn(hint)
     path = settings_path(args)
     settings = cfgmod.load_settings(path)
     if path is None:
@@ -55,8 +80,13 @@ def _settings(args: argparse.Namespace) -> cfgmod.Settings:
     return settings
 
 
-def _trust(settings: cfgmod.Settings) -> trust.Policy:
-    return trust.Policy(acl_paths=settings.trust_acl_paths)
+def _trust(settings: cfgmod.Settings, path: Path | None = None) -> trust.Policy:
+    """The policy for what the settings name; with the settings' `path`, a
+    warning (Policy.exposed) if it names webhooks and others may read it."""
+    policy = trust.Policy(acl_paths=settings.trust_acl_paths)
+    if path is not None and settings.webhooks:
+        policy.note_exposed(path, f"{path}: webhook", "webhook URLs")
+    return policy
 
 
 def register_secrets(args: argparse.Namespace) -> None:
@@ -110,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.config_dir.is_dir():
         _err(f"config dir {args.config_dir} does not exist")
         return EXIT_USAGE
-    policy = _trust(settings)
+    policy = _trust(settings, settings_path(args))
     if (why := policy.problem(args.config_dir)) is not None:
         _err(f"config dir {args.config_dir}: {why}")
         return EXIT_USAGE
@@ -218,7 +248,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except cfgmod.SettingsError as e:
         problems += e.lines
         settings = cfgmod.Settings()
-    policy = _trust(settings)
+    policy = _trust(settings, settings_path(args))
     configs, errors = cfgmod.load_dir(args.config_dir, tailscale_version=tailscale_version(settings),
                                       trust=policy)
     problems = [str(e) for e in errors] + problems
@@ -228,7 +258,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                                     settings, policy)
     except BinaryNotFound:
         pass  # run says so; check judges files
-    for line in policy.take_waived():
+    for line in policy.take_waived() + policy.take_exposed():
         print(f"ts-supervisor: warning: {line}", file=sys.stderr)
     for line in problems:
         print(line)

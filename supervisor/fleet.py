@@ -281,10 +281,13 @@ class Fleet:
         tmp.replace(self.data_dir / RUN_RECORD)
 
     def _note_waived(self) -> None:
-        """One line per path accepted only by trust_acl_paths, each once."""
+        """One line per path accepted only by trust_acl_paths, and one per secret
+        file others may read (`secret_readable`), each once."""
         assert self.trust is not None
         for line in self.trust.take_waived():
             self._note("-", "trust_waived", line)
+        for line in self.trust.take_exposed():
+            self._note("-", "secret_readable", line)
 
     async def _start_extras(self) -> list[Callable[[], Any]]:
         """Webhooks and metrics, if configured; returns what stops them."""

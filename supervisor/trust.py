@@ -25,10 +25,21 @@ Adapted here:
 
 `login_server` is a value in a proxy file: whoever can write the config dir
 can point it anywhere, so the config dir's check covers it.
+
+Who may *read* a secret is judged too, as ssh judges a private key file
+("UNPROTECTED PRIVATE KEY FILE"), but it warns where ssh refuses: a key or
+credential file, or a settings file naming webhooks, that others may read
+(mode o+r, or g+r for a group other than root's, the service user's or
+SERVICE_GROUP) is one warning line per file (`Policy.exposed`), never an
+error. Refusing would turn a disclosure that has already happened into an
+outage of a proxy that runs (a NAS's backup restore or a `cp` resets modes),
+and a reader cannot make root do anything. Paths under `trust_acl_paths` are
+not judged by their modes for reading either.
 """
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import stat
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -36,6 +47,37 @@ from pathlib import Path
 from typing import Any
 
 MAX_LINKS = 40  # symlinks followed in one path (Linux's ELOOP limit)
+SERVICE_GROUP = "ts-supervisor"  # the unit's group (scripts/service/ts-supervisor.sysusers)
+# what each secret-holding key holds, for the warning line
+SECRET_KINDS = {"auth_key_file": "auth key", "oauth_client_secret_file": "OAuth client secret",
+                "api_token_file": "API access token"}
+
+
+def reader_gids() -> tuple[int, ...]:
+    """The groups trusted to read secrets: root's (0), this process's, and
+    SERVICE_GROUP's if that group exists (root runs `check`, the service user `run`)."""
+    gids = {0, os.getegid()}
+    try:
+        gids.add(grp.getgrnam(SERVICE_GROUP).gr_gid)
+    except KeyError:
+        pass
+    return tuple(sorted(gids))
+
+
+def exposure(mode: int, gid: int, trusted_gids: tuple[int, ...]) -> str | None:
+    """Who besides root and the service user may read a file of this `mode`
+    (st_mode or permission bits) and group `gid`, as "readable by others
+    (mode 0644)" / "readable by group 100 (mode 0640)"; None: no one."""
+    mode = stat.S_IMODE(mode)
+    if mode & 0o004:
+        return f"readable by others (mode {mode:04o})"
+    if mode & 0o040 and gid not in trusted_gids:
+        try:
+            name = f"group {grp.getgrgid(gid).gr_name}"
+        except KeyError:
+            name = f"group {gid}"
+        return f"readable by {name} (mode {mode:04o})"
+    return None
 
 
 class Untrusted(Exception):
@@ -56,6 +98,35 @@ class Policy:
     acl_paths: tuple[Path, ...] = ()
     waived: list[str] = field(default_factory=list)
     _seen: set[str] = field(default_factory=set, repr=False)  # paths already waived
+    gids: tuple[int, ...] = field(default_factory=reader_gids)  # groups that may read secrets
+    exposed: list[str] = field(default_factory=list)  # one warning line per readable secret file
+    _seen_exposed: set[str] = field(default_factory=set, repr=False)
+
+    def note_exposed(self, path: str | os.PathLike[str], where: str, what: str) -> None:
+        """If others may read the secret file `path` (exposure()), add one line
+        to `exposed`: "WHERE: PATH is readable by others (mode 0644), so any
+        local user can read the WHAT (chmod 0640 PATH; chown ...)". Each path
+        once per Policy; nothing for a path under `acl_paths` or one that
+        cannot be stat'ed (the loader reports that). Never raises."""
+        try:
+            real = os.path.realpath(path)
+            st = os.stat(real)
+        except (OSError, ValueError):
+            return
+        why = exposure(st.st_mode, st.st_gid, self.gids)
+        if why is None or self._acl_entry(real) is not None or real in self._seen_exposed:
+            return
+        self._seen_exposed.add(real)
+        self.exposed.append(
+            f"{where}: {path} is {why}, so "
+            f"{'any local user' if 'others' in why else 'that group'} can read the {what} "
+            f"(chmod 0640 {path}; chown root:{SERVICE_GROUP} {path}, or 0600 owned by the service "
+            "user; on an ACL share list it in trust_acl_paths)")
+
+    def take_exposed(self) -> list[str]:
+        """The readable-secret warning lines added since the last call."""
+        lines, self.exposed = self.exposed, []
+        return lines
 
     def problem(self, path: str | os.PathLike[str]) -> str | None:
         """Why root must not trust `path` (a file or directory), as "not trusted:
@@ -76,12 +147,17 @@ class Policy:
 
     def key_problems(self, obj: Any) -> list[tuple[str, str]]:
         """(key, reason) for each `*_file` path of a settings or proxy dataclass
-        that root must not trust: key and credential files, whatever their name."""
+        that root must not trust: key and credential files, whatever their name.
+        Those root may trust but others may read get a warning line in `exposed`."""
         out = []
+        where = getattr(obj, "path", None)
         for key, path in secret_files(obj):
             why = self.problem(path)
             if why is not None:
                 out.append((key, f"{path}: {why}"))
+            else:
+                self.note_exposed(path, f"{where}: {key}" if where else key,
+                                  SECRET_KINDS.get(key, key.removesuffix("_file").replace("_", " ")))
         return out
 
     def take_waived(self) -> list[str]:
