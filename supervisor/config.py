@@ -743,6 +743,13 @@ class Settings:
     webhooks: tuple[Any, ...] = ()      # [[webhook]] tables: url, format, events
     trust_acl_paths: tuple[Path, ...] = ()  # ACL file systems: owner/mode not checked below these
     api_base: str = "https://api.tailscale.com"  # the Tailscale v2 API, for proxies with an API credential
+    tailscaled_gogc: str = ""           # GOGC for every tailscaled; "": Go's default (100). README "Go runtime knobs"
+    tailscaled_gomemlimit: str = ""     # GOMEMLIMIT for every tailscaled, e.g. "16MiB"; "": no limit
+
+    def tailscaled_go_env(self) -> dict[str, str]:
+        """Go's runtime knobs for tailscaled_command(go_env=...): {"GOGC": ..., "GOMEMLIMIT": ...},
+        "" where Go's default applies (tailscaled_command leaves those out)."""
+        return {"GOGC": self.tailscaled_gogc, "GOMEMLIMIT": self.tailscaled_gomemlimit}
 
 
 _SETTINGS_TYPES: dict[str, tuple[type, ...]] = {
@@ -751,7 +758,7 @@ _SETTINGS_TYPES: dict[str, tuple[type, ...]] = {
     "backoff_max": (int, float), "stop_grace": (int, float), "start_timeout": (int, float),
     "hang_timeout": (int, float), "embedded_port": (int,), "metrics": (str,),
     "reconcile_period": (int, float), "api_base": (str,), "embedded_peers": (str,),
-    "memory_period": (int, float),
+    "memory_period": (int, float), "tailscaled_gogc": (int, str), "tailscaled_gomemlimit": (int, str),
 }
 
 
@@ -827,6 +834,14 @@ def load_settings(path: Path | None) -> Settings:
     if isinstance(raw.get("embedded_peers"), str) and raw["embedded_peers"] not in PEER_POLICIES:
         problems.append(f"{path}: embedded_peers: {show(raw['embedded_peers'])} must be \"clients\" "
                         "(proxies see client nodes, not each other) or \"all\" (every node sees every node)")
+    for key, knob in (("tailscaled_gogc", "GOGC"), ("tailscaled_gomemlimit", "GOMEMLIMIT")):
+        if key in raw and isinstance(raw[key], (int, str)) and not isinstance(raw[key], bool):
+            from supervisor.tailscale import go_knob_problem
+            value = raw.pop(key)
+            if problem := go_knob_problem(knob, str(value)):
+                problems.append(f"{path}: {key}: {show(value)} {problem}")
+            else:
+                values[key] = str(value)
     for key, value in raw.items():
         kinds = _SETTINGS_TYPES.get(key)
         if kinds is None:

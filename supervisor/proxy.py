@@ -556,7 +556,8 @@ class Proxy:
         argv, env = ts.tailscaled_command(
             self.ctx.bins, self.statedir, self.socket,
             quiet_control_url=control if self.cfg.local_control else None,
-            parent_death_fd=pipe.read_fd if pipe else None)
+            parent_death_fd=pipe.read_fd if pipe else None,
+            go_env=self.ctx.settings.tailscaled_go_env())
         L.tailscaled = await procs.spawn("tailscaled", argv, env, pidfile=self.dir / "pids" / "tailscaled.pid",
                                          pass_fds=(pipe.read_fd,) if pipe else ())
         L.tg.create_task(self._follow_tailscaled(L, L.tailscaled))

@@ -130,17 +130,54 @@ def quiet_env(control_url: str) -> dict[str, str]:
     }
 
 
+# Go's runtime knobs that tailscaled may get (Settings.tailscaled_gogc and
+# tailscaled_gomemlimit). Measured by scripts/bench-gomem (README "Go runtime
+# knobs"): unset is the default, since no value saved memory without costing
+# CPU and latency when the netmap changes.
+GO_KNOBS = ("GOGC", "GOMEMLIMIT")
+_GOMEMLIMIT_RE = re.compile(r"([0-9]+)((?:[KMGT]i)?B)?")
+_UNIT = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+def go_knob_problem(name: str, value: str) -> str | None:
+    """Why `value` cannot be Go's `name` ("GOGC" or "GOMEMLIMIT"), or None.
+    GOGC: "off" or a percentage from 1 to 2^31-1 (Go reads anything else as
+    100, silently; 0 would collect continuously). GOMEMLIMIT: "off" or a byte
+    count below 2^63 matching ^[0-9]+(([KMGT]i)?B)?$ (Go refuses to start on
+    anything else: "malformed GOMEMLIMIT"). Source: golang/go
+    src/runtime/mgcpacer.go readGOGC and readGOMEMLIMIT, src/runtime/string.go
+    parseByteCount."""
+    if value == "off":
+        return None
+    if name == "GOGC":
+        ok = value.isascii() and value.isdigit() and 1 <= int(value) < 1 << 31
+        return None if ok else "must be \"off\" or a whole percentage from 1 (Go's default is 100)"
+    if name == "GOMEMLIMIT":
+        m = _GOMEMLIMIT_RE.fullmatch(value) if value.isascii() else None
+        ok = m is not None and int(m[1]) * _UNIT[m[2]] < 1 << 63
+        return None if ok else ("must be \"off\" or bytes with an optional B, KiB, MiB, GiB or TiB "
+                                "suffix, e.g. \"16MiB\"")
+    return f"not one of Go's knobs the supervisor sets ({', '.join(GO_KNOBS)})"
+
+
 def tailscaled_command(bins: Binaries, statedir: Path, socket: Path | None = None, *,
                        quiet_control_url: str | None,
                        parent_death_fd: int | None = None,
-                       socks5_server: str | None = None) -> tuple[list[str], dict[str, str]]:
+                       socks5_server: str | None = None,
+                       go_env: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """argv and environment for one tailscaled owning `statedir`.
 
     quiet_control_url: set for the embedded (loopback) control; adds the
     flags and environment that keep tailscaled off the Internet.
     parent_death_fd: read end of a pipe whose write end the supervisor holds;
     tailscaled exits when it reads EOF, i.e. when the supervisor dies.
+    go_env: Go's runtime knobs, {"GOGC": "50", "GOMEMLIMIT": "16MiB"}; only
+    GO_KNOBS, each checked by go_knob_problem (ValueError otherwise); an empty
+    value is left out (Go's default).
     """
+    for k, v in (go_env or {}).items():
+        if v and (problem := go_knob_problem(k, v)):
+            raise ValueError(f"{k}={v!r}: {problem}")
     argv = [str(bins.tailscaled), f"--statedir={statedir}",
             f"--socket={socket or statedir / SOCKET_FILE}", "--tun=userspace-networking", "--port=0"]
     env = cli_env()
@@ -153,6 +190,7 @@ def tailscaled_command(bins: Binaries, statedir: Path, socket: Path | None = Non
         argv.append(f"--socks5-server={socks5_server}")
     if parent_death_fd is not None:
         env["TS_PARENT_DEATH_FD"] = str(parent_death_fd)
+    env.update({k: v for k, v in (go_env or {}).items() if v})
     return argv, env
 
 
