@@ -22,8 +22,10 @@ import os
 import random
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -518,22 +520,161 @@ def table_cost(snaps: list[Any], reps: int = 10) -> dict[str, float]:
     return {"frame_ms": frame, "full_table_ms": full}
 
 
-def scale_point(control: ControlThread, root: Path, size: int, window: float) -> dict[str, Any]:
-    """`ts-supervisor run` with `size` proxies: spawn -> all `running`; then,
-    after a short settle, the supervisor's CPU over `window` s (user+system
-    time of the supervisor process alone, % of one core), its RSS, the memory
-    of all its children (children_memory: PSS, USS and RSS, per kind and per
-    proxy), one table render (table_cost) and one `status --json` (status_cost)."""
-    key = root / f"scale{size}.secret"
-    key.write_text(control.create_key(reusable=True)["secret"])
-    sup = SupervisorProc(root / f"scale{size}" / "conf.d", root / f"scale{size}" / "data")
+PEERS = ("clients", "all")  # the control's peers policy: proxies see clients only (on), everyone (off)
+
+
+def reload_cost(sup: SupervisorProc, reps: int = 5, gap: float = 1.0) -> dict[str, float]:
+    """One reload with nothing changed (`reload` on the IPC socket: conf.d read,
+    parsed and compared; nothing restarts): the supervisor's CPU time for one,
+    in ms: its user+system time over `reps` reloads `gap` s apart, less the same
+    span at its rate at rest (measured just before over as long), over `reps`."""
+    me = psutil.Process(sup.proc.pid)
+    cpu = lambda: sum(me.cpu_times()[:2])  # noqa: E731
+    c0, w0 = cpu(), time.monotonic()
+    time.sleep(reps * gap)
+    c1, w1 = cpu(), time.monotonic()
+    rest = (c1 - c0) / (w1 - w0)
+    for _ in range(reps):
+        ipc.call(sup.data_dir, "reload")
+        time.sleep(gap)
+    c2, w2 = cpu(), time.monotonic()
+    return {"reload_cpu_ms": max(0.0, (c2 - c1) - rest * (w2 - w1)) / reps * 1000}
+
+
+class Profiler:
+    """py-spy sampling the supervisor (`record --format raw`: one line per
+    distinct stack, "frame;frame;... count"), from start until stop(); the
+    raw file is kept beside bench.json. None of this runs without --profile."""
+
+    def __init__(self, pid: int, out: Path, rate: int = 50) -> None:
+        exe = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "py-spy"
+        if not exe.exists():
+            exe = ROOT / ".venv" / "bin" / "py-spy"
+        self.out = out
+        self.proc = subprocess.Popen([str(exe), "record", "--pid", str(pid), "--rate", str(rate),
+                                      "--format", "raw", "--output", str(out), "--nonblocking"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def stop(self) -> list[tuple[str, float]]:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        try:
+            return top_frames(self.out.read_text())
+        except OSError:
+            return []
+
+
+IDLE = ("select (selectors.py", "_worker (concurrent", "wait (threading.py")
+PLUMBING = ("(threading.py", "(<frozen runpy>", "(concurrent/futures/thread.py", "(asyncio/base_events.py",
+            "(asyncio/events.py", "(asyncio/runners.py", "(supervisor/__main__.py", "(supervisor/cli.py")
+
+
+def top_frames(raw: str, n: int = 12, idle: tuple[str, ...] = IDLE,
+               plumbing: tuple[str, ...] = PLUMBING) -> list[tuple[str, float]]:
+    """The `n` frames with the most samples anywhere in their stack (inclusive),
+    as (frame, share of the busy samples); py-spy's raw format, one stack a
+    line: "thread;frame;...;frame COUNT". Stacks whose innermost frame is an
+    idle wait (`idle`) are not busy and left out; frames in every stack (a
+    file in `plumbing`: threads, the event loop, the entry point) are not
+    listed."""
+    busy = 0
+    incl: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if any(frames[-1].startswith(i) for i in idle):
+            continue
+        c = int(count)
+        busy += c
+        for f in set(frames[1:] if frames[0].startswith(("process ", "thread ")) else frames):
+            if not any(p in f for p in plumbing):
+                incl[f] = incl.get(f, 0) + c
+    if not busy:
+        return []
+    return [(f, c / busy) for f, c in sorted(incl.items(), key=lambda x: (-x[1], x[0]))[:n]]
+
+
+class Upstream:
+    """The proxies' upstream for the scale points: a small HTTP server in this
+    process (inside the namespace) answering 200 to everything, so each proxy's
+    upstream probe succeeds as a NAS service's would, and no row is drawn as
+    needing attention (a refused TARGET made every row two lines)."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        class Ok(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+            do_HEAD = do_GET  # noqa: N815
+
+            def log_message(self, *args: Any) -> None:
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True, name="upstream").start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def table_cost_apart(status: list[dict[str, Any]]) -> dict[str, float]:
+    """table_cost of these `status --json` proxies, in a fresh interpreter: in
+    this one the control's threads (every node's map poll) hold the GIL too,
+    and made one frame at 100 proxies look 10x slower than the render is."""
+    out = subprocess.run([sys.executable, "-c", "import scripts.bench as b; b._table_cost_child()"],
+                         input=json.dumps(status), capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"table cost: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout)
+
+
+def _table_cost_child() -> None:
+    from supervisor.proxy import ProxySnapshot
+    print(json.dumps(table_cost([ProxySnapshot.from_json(p) for p in json.load(sys.stdin)])))
+
+
+def scale_point(control: ControlThread, root: Path, size: int, window: float, peers: str = "clients",
+                profile: Path | None = None) -> dict[str, Any]:
+    """`ts-supervisor run` with `size` proxies, their keys made as the
+    supervisor makes its own (`create_key(proxy=True)`) and the control's
+    peers policy `peers` ("clients": proxies do not see each other; "all"):
+    spawn -> all `running`; then, after a short settle, the supervisor's CPU
+    over `window` s (user+system time of the supervisor process alone, % of one
+    core; its reconcile timer, upstream probes (of Upstream, answering 200) and
+    memory sampler run), its
+    RSS, the memory of all its children (children_memory: PSS, USS and RSS, per
+    kind and per proxy), one table render (table_cost), one `status --json`
+    (status_cost) and one reload with nothing changed (reload_cost).
+    `profile`: a py-spy raw profile of the supervisor over all of it."""
+    control.admin("set_peers", peers=peers)
+    key = root / f"scale{size}{peers}.secret"
+    key.write_text(control.create_key(reusable=True, proxy=True)["secret"])
+    base = root / f"scale{size}{peers}"
+    sup = SupervisorProc(base / "conf.d", base / "data")
     names = [f"p{i}" for i in range(size)]
+    up = Upstream()
     for name in names:
-        sup.write_proxy(name, hostname=f"s{size}-{name}", target=TARGET, serve="http", port=80,
+        sup.write_proxy(name, hostname=f"s{size}-{name}", target=up.url, serve="http", port=80,
                         login_server=control.url, auth_key_file=str(key))
+    prof = None
+    load0 = os.getloadavg()[0]  # the machine is shared: how busy it was, beside every figure
     try:
         t0 = time.monotonic()
         sup.start(wait=False)
+        if profile is not None:
+            prof = Profiler(sup.proc.pid, profile.with_name(f"{profile.stem}-start.txt"))
 
         def all_running() -> float | None:
             sup._died()
@@ -542,24 +683,42 @@ def scale_point(control: ControlThread, root: Path, size: int, window: float) ->
                 if e["state"] == "running":
                     first.setdefault(e["proxy"], e["t"])
             return max(first.values()) if len(first) == size else None
-        t_all = wait_for(all_running, 180, f"{size} proxies running", interval=0.05)
+        t_all = wait_for(all_running, 300, f"{size} proxies running", interval=0.25)
+        tops = {}
+        if prof is not None:
+            tops["start"] = prof.stop()
+            prof = None
         time.sleep(min(5.0, window))  # let the last netmap updates settle
         me = psutil.Process(sup.proc.pid)
+        if profile is not None:
+            prof = Profiler(sup.proc.pid, profile.with_name(f"{profile.stem}-rest.txt"))
         c0, w0 = me.cpu_times(), time.monotonic()
         time.sleep(window)
         c1, w1 = me.cpu_times(), time.monotonic()
+        if prof is not None:
+            tops["rest"] = prof.stop()
+            prof = None
         cpu = ((c1.user + c1.system) - (c0.user + c0.system)) / (w1 - w0) * 100
         rss = me.memory_info().rss
         mem = children_memory(sup, size)
         status = sup.status()
         states = {p["state"] for p in status.values()}
         cost = status_cost(sup)
-        from supervisor.proxy import ProxySnapshot
-        cost.update(table_cost([ProxySnapshot.from_json(p) for _, p in sorted(status.items())]))
-        return {"size": size, "all_running_s": t_all - t0, "cpu_pct": cpu, "rss_mb": rss / 2**20,
-                **mem, **cost, "states_after": sorted(states)}
+        cost.update(table_cost_apart([p for _, p in sorted(status.items())]))
+        cost.update(reload_cost(sup))
+        if profile is not None:  # what the frame was drawn from, beside the profile
+            profile.with_name(f"{profile.stem}-status.json").write_text(json.dumps(status))
+        out = {"size": size, "peers": peers, "load_before": load0, "load_after": os.getloadavg()[0],
+               "all_running_s": t_all - t0, "cpu_pct": cpu,
+               "rss_mb": rss / 2**20, **mem, **cost, "states_after": sorted(states)}
+        if tops:
+            out["profile_top"] = tops
+        return out
     finally:
+        if prof is not None:
+            prof.stop()
         sup.stop(timeout=120)
+        up.close()
         for name in names:
             forget(control, f"s{size}-{name}")
 
@@ -692,46 +851,94 @@ def table(summary: dict[str, Any], targets: list[tuple[str, str, bool]], runs: i
 def scale_lines(scale: list[dict[str, Any]], cores: int) -> list[str]:
     """The scale table: time to all running, the supervisor at rest, the
     children's memory (PSS, USS, RSS; in total and per proxy), one table
-    frame and one `status --json`; then PSS per child kind and proxy."""
+    frame, one `status --json` and one reload, per size and peers policy;
+    then PSS per child kind and proxy."""
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"Scale ({cores} cores; memory in MiB; frame: one live redraw on {FRAME[0]}x{FRAME[1]}; "
-             "status: the socket's round trip / the whole CLI)",
-             f"{'proxies':>8}{'all running':>13}{'sup CPU':>9}{'sup RSS':>9}{'PSS':>8}{'USS':>8}{'RSS':>8}"
-             f"{'PSS/proxy':>11}{'USS/proxy':>11}{'frame':>10}{'status':>18}"]
+    lines = [f"Scale ({cores} cores; memory in MiB; peers: the control's policy, clients = proxies do not see "
+             f"each other; frame: one live redraw on {FRAME[0]}x{FRAME[1]}; status: the socket's round trip / "
+             "the whole CLI; reload: the supervisor's CPU for one with nothing changed; load: the 1-minute load "
+             "average before/after)",
+             f"{'proxies':>8}{'peers':>8}{'all running':>13}{'sup CPU':>9}{'sup RSS':>9}{'PSS':>8}{'USS':>8}"
+             f"{'RSS':>8}{'PSS/proxy':>11}{'USS/proxy':>11}{'frame':>10}{'status':>18}{'reload':>10}{'load':>11}"]
     for s in scale:
         status = (f"{s['status_ipc_ms']:.1f}/{s['status_cli_ms']:.0f} ms"
                   if s.get("status_ipc_ms") is not None else "-")
-        lines.append(f"{s['size']:>8}{s['all_running_s']:>11.2f} s{s['cpu_pct']:>7.2f} %{s['rss_mb']:>9.1f}"
+        lines.append(f"{s['size']:>8}{s.get('peers', '-'):>8}{s['all_running_s']:>11.2f} s{s['cpu_pct']:>7.2f} %"
+                     f"{s['rss_mb']:>9.1f}"
                      f"{f(s.get('children_pss_mb'), '.0f'):>8}{f(s.get('children_uss_mb'), '.0f'):>8}"
                      f"{s['children_rss_mb']:>8.0f}{f(s.get('pss_per_proxy_mb'), '.1f'):>11}"
-                     f"{f(s.get('uss_per_proxy_mb'), '.1f'):>11}{f(s.get('frame_ms'), '.1f'):>7} ms{status:>18}")
+                     f"{f(s.get('uss_per_proxy_mb'), '.1f'):>11}{f(s.get('frame_ms'), '.1f'):>7} ms{status:>18}"
+                     f"{f(s.get('reload_cpu_ms'), '.0f'):>7} ms"
+                     f"{f(s.get('load_before'), '.1f'):>6}/{f(s.get('load_after'), '.1f'):<4}")
     kinds = sorted({k for s in scale for k in s.get("kinds", {})})
     if kinds:
         lines.append("  PSS per proxy by child kind (count): " + "; ".join(
-            f"{s['size']}: " + ", ".join(f"{k} {f(s['kinds'][k]['pss_per_proxy_mb'], '.1f')} "
-                                         f"({s['kinds'][k]['count']})" for k in kinds if k in s.get("kinds", {}))
+            f"{s['size']}/{s.get('peers', '-')}: " + ", ".join(
+                f"{k} {f(s['kinds'][k]['pss_per_proxy_mb'], '.1f')} ({s['kinds'][k]['count']})"
+                for k in kinds if k in s.get("kinds", {}))
             for s in scale))
     passes = [f"{s['size']}: {s['sample_pass_ms']:.1f} ms" for s in scale if s.get("sample_pass_ms") is not None]
     if passes:
         lines.append("  one memory sampler pass (every memory_period): " + ", ".join(passes))
+    for s in scale:
+        for phase, top in (s.get("profile_top") or {}).items():
+            lines.append(f"  py-spy on the supervisor, {s['size']} proxies, peers {s.get('peers', '-')}, {phase} "
+                         "(share of busy samples, inclusive):")
+            lines += [f"    {share * 100:5.1f} %  {frame}" for frame, share in top]
+    return lines
+
+
+def scale_targets(scale: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    """Issue 14's scale targets as (what, measured, passed), for the largest
+    size of each peers policy and for 50 proxies; a size or figure that was
+    not measured gives no line. Printed, never asserted."""
+    targets: list[tuple[str, str, bool]] = []
+    for peers in dict.fromkeys(s.get("peers", "clients") for s in scale):
+        runs = [s for s in scale if s.get("peers", "clients") == peers]
+        big = max(runs, key=lambda x: x["size"])
+        n, tag = big["size"], f"{big['size']} proxies, peers {peers}"
+        if n >= 200:
+            targets.append((f"{tag}: all running < 30 s", f"{big['all_running_s']:.1f} s",
+                            big["all_running_s"] < 30))
+        targets.append((f"{tag}: supervisor CPU < 2% of a core", f"{big['cpu_pct']:.2f} %", big["cpu_pct"] < 2))
+        targets.append((f"{tag}: supervisor RSS < 100 MB", f"{big['rss_mb'] * MiB / 1e6:.1f} MB",
+                        big["rss_mb"] * MiB < 100e6))
+        if big.get("frame_ms") is not None:
+            targets.append((f"{tag}: one table frame < 50 ms", f"{big['frame_ms']:.1f} ms", big["frame_ms"] < 50))
+        fifty = next((s for s in runs if s["size"] == 50), None)
+        if fifty and fifty.get("pss_per_proxy_mb") is not None:
+            targets.append((f"50 proxies, peers {peers}: children PSS <= 12 MiB per proxy",
+                            f"{fifty['pss_per_proxy_mb']:.1f} MiB", fifty["pss_per_proxy_mb"] <= 12))
+    return targets
+
+
+def target_lines(targets: list[tuple[str, str, bool]]) -> list[str]:
+    lines = [f"{'target':<64}{'measured':<14}result"]
+    lines += [f"{what:<64}{measured:<14}{'PASS' if ok else 'MISS'}" for what, measured, ok in targets]
     return lines
 
 
 def plot(scale: list[dict[str, Any]], path: Path) -> None:
+    """Four panels against the number of proxies, one line per peers policy:
+    start -> all running, the supervisor's CPU and RSS at rest, and the
+    children's PSS per proxy (what the machine pays); targets dashed red."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    xs = [s["size"] for s in scale]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    label = {"clients": "proxies see clients only (default)", "all": "every node sees every node"}
     for ax, key, title, unit, limit in (
-            (axes[0][0], "all_running_s", "start -> all running", "s", 15),
-            (axes[0][1], "cpu_pct", "supervisor steady CPU", "% of one core", 2),
+            (axes[0][0], "all_running_s", "start -> all running", "s", 30),
+            (axes[0][1], "cpu_pct", "supervisor CPU at rest", "% of one core", 2),
             (axes[1][0], "rss_mb", "supervisor RSS", "MiB", 100e6 / 2**20),
-            (axes[1][1], "children_pss_mb", "children PSS (what the machine pays)", "MiB", None)):
-        ax.plot(xs, [s.get(key) or 0 for s in scale], marker="o")
+            (axes[1][1], "pss_per_proxy_mb", "children PSS per proxy", "MiB", 12)):
+        for peers in dict.fromkeys(s.get("peers", "clients") for s in scale):
+            runs = [s for s in scale if s.get("peers", "clients") == peers]
+            ax.plot([s["size"] for s in runs], [s.get(key) or 0 for s in runs], marker="o",
+                    label=label.get(peers, peers))
         if limit is not None:
             ax.axhline(limit, color="red", linestyle="--", linewidth=1, label="target")
-            ax.legend()
+        ax.legend(fontsize=7)
         ax.set_title(title)
         ax.set_xlabel("proxies")
         ax.set_ylabel(unit)
@@ -744,23 +951,29 @@ def plot(scale: list[dict[str, Any]], path: Path) -> None:
 
 def scale_only(control: ControlThread, root: Path, sizes: list[int], args: argparse.Namespace,
                version: str, cores: int, started: float) -> None:
-    """`--only scale`: the scale points alone, written to bench-out/bench-scale.json
-    and scaling.png (the plot) with the same table as a full run."""
+    """`--only scale`: the scale points alone, per peers policy in --peers, written
+    to bench-out/bench-scale.json and scaling.png (the plot), then the table and
+    issue 14's targets."""
+    policies = [p for p in args.peers.split(",") if p]
+    scale: list[dict[str, Any]] = []
+    args.out.mkdir(exist_ok=True)
     try:
-        print(f"{version}, {cores} cores, sizes={sizes}, window={args.window:g}s: scale ...", flush=True)
-        scale = []
-        for size in sizes:
-            scale.append(scale_point(control, root, size, args.window))
-            print(f"  {size} proxies: {json.dumps(scale[-1])}", flush=True)
+        print(f"{version}, {cores} cores, sizes={sizes}, peers={policies}, window={args.window:g}s: scale ...",
+              flush=True)
+        for peers in policies:
+            for size in sizes:
+                prof = args.out / f"profile-{size}-{peers}.txt" if args.profile else None
+                scale.append(scale_point(control, root, size, args.window, peers, prof))
+                print(f"  {size} proxies, peers {peers}: {json.dumps(scale[-1])}", flush=True)
     finally:
         control.close()
-    args.out.mkdir(exist_ok=True)
     (args.out / "bench-scale.json").write_text(json.dumps(
         {"scale": scale, "cores": cores, "version": version, "window_s": args.window,
          "elapsed_s": time.monotonic() - started}, indent=2))
     if scale:
         plot(scale, args.out / "scaling.png")
     print("\n" + "\n".join(scale_lines(scale, cores)))
+    print("\n" + "\n".join(target_lines(scale_targets(scale))))
     print(f"\nwrote {args.out / 'bench-scale.json'} and {args.out / 'scaling.png'} "
           f"({time.monotonic() - started:.0f} s)")
     shutil.rmtree(root, ignore_errors=True)
@@ -776,6 +989,10 @@ def main() -> None:
     ap.add_argument("--only", choices=("identity", "scale"), default=None,
                     help="identity: only the recovery with identity kept against a bare cold start; "
                          "scale: only the scale curves (and the table's cost)")
+    ap.add_argument("--peers", default=",".join(PEERS),
+                    help="peers policies for --only scale, in order: clients (proxies do not see each other), all")
+    ap.add_argument("--profile", action="store_true",
+                    help="--only scale: py-spy samples the supervisor at each point (bench-out/profile-N-PEERS.txt)")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     if os.environ.get("TS_SUPERVISOR_NETNS") != "1":
