@@ -838,7 +838,7 @@ def load_settings(path: Path | None) -> Settings:
         if key in raw and isinstance(raw[key], (int, str)) and not isinstance(raw[key], bool):
             from supervisor.tailscale import go_knob_problem
             value = raw.pop(key)
-            if problem := go_knob_problem(knob, str(value)):
+            if str(value) and (problem := go_knob_problem(knob, str(value))):  # "": Go's default
                 problems.append(f"{path}: {key}: {show(value)} {problem}")
             else:
                 values[key] = str(value)

@@ -31,6 +31,7 @@ def test_go_knob_values(name, value, ok):
 
 @pytest.mark.parametrize(("toml", "knobs"), [
     ("", {}),                                                       # the default: Go's own
+    ('tailscaled_gogc = ""\ntailscaled_gomemlimit = ""', {}),       # written out: the same
     ("tailscaled_gogc = 50", {"GOGC": "50"}),
     ('tailscaled_gogc = "off"\ntailscaled_gomemlimit = "16MiB"', {"GOGC": "off", "GOMEMLIMIT": "16MiB"}),
     ('tailscaled_gomemlimit = "12MiB"', {"GOMEMLIMIT": "12MiB"}),
