@@ -101,8 +101,10 @@ def test_corrupt_state_with_no_copy_keeps_the_name_and_ip_through_the_api(sup, c
         assert [x["name"] for x in control.nodes()] == ["app"]
         assert any("deleted the old device app" in s and "before the new login" in s for s in steps(sup, n))
         # the node saw its address in a netmap; the proxy is running and node.json names it
+        # (the old record names the old IP too: wait for the new node's record)
         wait_for(lambda: ipv4(old) in sup.status()["app"]["tailscale_ips"]
-                 and record(sup)["tailscale_ips"][0] == ipv4(old), 20, "the old IP, seen and recorded")
+                 and record(sup)["node_id"] != before["node_id"]
+                 and record(sup)["tailscale_ips"][0] == ipv4(old), 40, "the old IP, seen and recorded")
         st = sup.status()["app"]
         assert st["state"] == "running" and st["dns_name"] == "app.tailnet.test" and st["recoveries"] == 1
         assert record(sup)["node_id"] == st["node_id"] != before["node_id"]
