@@ -274,33 +274,28 @@ def parse_device(raw: Any) -> Device:
                   last_seen=_get(obj, "lastSeen", parse_time, None))
 
 
+def _items(items: Any, name: str, parse: Callable[[Any], T]) -> list[T]:
+    if not isinstance(items, list):
+        raise ValueError(f"{name}: want a list")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(parse(item))
+        except ValueError as e:
+            raise ValueError(f"{name}[{i}].{e}") from None
+    return out
+
+
 def parse_devices(raw: Any) -> list[Device]:
     """The devices list: {"devices": [...]} (client/tailscale/devices.go
     GetDevicesResponse); a bare list too (the publicapi prose says "JSON array")."""
     items = raw if isinstance(raw, list) else _get(_object(raw), "devices", lambda v: v, [])
-    if not isinstance(items, list):
-        raise ValueError("devices: want a list")
-    out = []
-    for i, item in enumerate(items):
-        try:
-            out.append(parse_device(item))
-        except ValueError as e:
-            raise ValueError(f"devices[{i}].{e}") from None
-    return out
+    return _items(items, "devices", parse_device)
 
 
 def parse_keys(raw: Any) -> list[Key]:
     """The keys list: {"keys": [{"id": ...}, ...]} (publicapi/tailnet.md "List tailnet keys")."""
-    items = _get(_object(raw), "keys", lambda v: v, [])
-    if not isinstance(items, list):
-        raise ValueError("keys: want a list")
-    out = []
-    for i, item in enumerate(items):
-        try:
-            out.append(parse_key(item))
-        except ValueError as e:
-            raise ValueError(f"keys[{i}].{e}") from None
-    return out
+    return _items(_get(_object(raw), "keys", lambda v: v, []), "keys", parse_key)
 
 
 def error_text(body: bytes) -> str:

@@ -19,22 +19,18 @@ from nacl.public import PrivateKey
 from supervisor.control.server import ControlServer
 from tests.control.derp_client import PING, PONG, RECV_PACKET, SERVER_INFO, DerpClient
 from tests.control.test_derp import derp_server, ping
+from tests.control.test_server import run as run_server
 from tests.control.ts2021_client import Ts2021Client, map_body, node_key, register_body
 
 
 def run(tmp_path: Path, body: Callable[[ControlServer, contextlib.AsyncExitStack], Awaitable[None]],
         **opts: Any) -> None:
-    async def main() -> None:
-        srv = ControlServer(tmp_path / "control", **opts)
-        await srv.start()
-        try:
-            async with contextlib.AsyncExitStack() as stack, asyncio.timeout(30):
-                stack.push_async_callback(DerpClient.close_all)
-                await body(srv, stack)
-        finally:
-            await srv.stop()
+    """test_server's `run`, with every DERP client closed before the server."""
+    async def with_derp(srv: ControlServer, stack: contextlib.AsyncExitStack) -> None:
+        stack.push_async_callback(DerpClient.close_all)
+        await body(srv, stack)
 
-    asyncio.run(main())
+    run_server(tmp_path, with_derp, **opts)
 
 
 async def session(srv: ControlServer, stack: contextlib.AsyncExitStack,
