@@ -67,3 +67,19 @@ def test_a_bad_knob_is_one_settings_line_naming_the_key(tmp_path, toml):
 def test_the_builder_refuses_what_go_would_misread(tmp_path, go_env):
     with pytest.raises(ValueError):
         ts.tailscaled_command(BINS, tmp_path, quiet_control_url=None, go_env=go_env)
+
+
+@pytest.mark.parametrize(("text", "env"), [
+    ("default", {}), ("GOGC=50", {"GOGC": "50"}),
+    ("GOGC=off+GOMEMLIMIT=12MiB", {"GOGC": "off", "GOMEMLIMIT": "12MiB"}),
+])
+def test_bench_gomem_reads_a_setting(text, env):
+    from scripts.bench_gomem import parse_setting
+    assert parse_setting(text) == env
+
+
+@pytest.mark.parametrize("text", ["GODEBUG=x=1", "GOGC=50+GOMAXPROCS=1"])
+def test_bench_gomem_refuses_other_variables(text):
+    from scripts.bench_gomem import parse_setting
+    with pytest.raises(SystemExit):
+        parse_setting(text)
