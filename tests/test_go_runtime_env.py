@@ -21,8 +21,9 @@ def environ(pid: int) -> dict[str, str]:
     ({"tailscaled_gogc": 50, "tailscaled_gomemlimit": "64MiB"}, {"GOGC": "50", "GOMEMLIMIT": "64MiB"}),
     ({}, {}),
 ])
-def test_a_running_tailscaled_has_the_go_knobs_of_the_settings(sup, control, tmp_path, settings, want):
-    sup.settings.update(settings)
+def test_a_running_tailscaled_has_the_go_knobs_of_the_settings(sup, control, tmp_path, any_bins,
+                                                               settings, want):
+    sup.settings.update(settings, tailscale=str(any_bins.tailscale), tailscaled=str(any_bins.tailscaled))
     sup.env.update(GOGC="7", GOMEMLIMIT="1MiB")  # the supervisor's own: not for children
     run_proxy(sup, control, tmp_path, "app")
     env = environ(sup.status()["app"]["pid"])
