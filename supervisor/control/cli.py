@@ -227,11 +227,12 @@ def _admin(args: argparse.Namespace) -> int:
     try:
         client = AdminClient.from_data_dir(args.control_dir)
         if args.what == "keys":
-            if args.verb == "create":
-                out: Any = client.create_key(reusable=args.reusable, ephemeral=args.ephemeral,
-                                             expiry=args.expiry, tags=args.tag, user=args.user,
-                                             proxy=args.proxy)
-            elif args.verb == "list":
+            if args.verb == "create":  # as oauth-clients/tokens create: `> file` makes a key file
+                return _print_secret(client.create_key(reusable=args.reusable, ephemeral=args.ephemeral,
+                                                       expiry=args.expiry, tags=args.tag, user=args.user,
+                                                       proxy=args.proxy), "auth key", args.json)
+            out: Any
+            if args.verb == "list":
                 out = client.keys()
             else:
                 out = client.act("keys", args.id, args.verb)
@@ -303,8 +304,9 @@ def _print_secret(made: dict[str, Any], what: str, as_json: bool) -> int:
         if k == "expires" and isinstance(v, (int, float)):  # the control's wall clock
             return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v))
         return str(v)
-    facts = ", ".join(f"{k} {shown(k, v)}" for k, v in made.items()
-                      if k not in ("id", "secret") and v not in (None, []))
+    facts = ", ".join(k if v is True else f"{k} {shown(k, v)}" for k, v in made.items()
+                      if k not in ("id", "secret", "created", "state")
+                      and v is not False and v not in (None, [], "", 0))
     print(f"{what} {made['id']} created{f' ({facts})' if facts else ''}; its secret is on stdout, "
           f"shown only this once", file=sys.stderr)
     return 0
@@ -337,7 +339,7 @@ def add_parser(sub: Any) -> None:
 
     keys = parser(csub, "keys", help="create, list, revoke or expire auth keys")
     ksub = keys.add_subparsers(dest="verb", required=True)
-    create = parser(ksub, "create")
+    create = parser(ksub, "create", help="a new auth key; its secret is printed once, on stdout")
     create.add_argument("--reusable", action="store_true")
     create.add_argument("--ephemeral", action="store_true")
     create.add_argument("--expiry", type=float, default=90 * 86400.0, help="seconds")
@@ -347,6 +349,8 @@ def add_parser(sub: Any) -> None:
                              "(default: the tailnet's admin user)")
     create.add_argument("--proxy", action="store_true",
                         help="its nodes count as the supervisor's proxies (for the peers policy)")
+    create.add_argument("--json", action="store_true",
+                        help="print the whole answer (id, secret, reusable, expires, ...) as JSON")
     parser(ksub, "list")
     for verb in ("revoke", "expire"):
         parser(ksub, verb).add_argument("id")

@@ -23,7 +23,7 @@ def control_cli(control, capsys: pytest.CaptureFixture[str], *argv: str) -> tupl
 
 
 def test_keys_create_with_an_owner(control, capsys) -> None:
-    code, key, _ = control_cli(control, capsys, "keys", "create", "--user", "alice@example.com")
+    code, key, _ = control_cli(control, capsys, "keys", "create", "--user", "alice@example.com", "--json")
     assert code == 0 and key["user"] == "alice@example.com" and key["secret"].startswith("tskey-auth-")
     code, _, err = control_cli(control, capsys, "keys", "create", "--user", "alice@example.com",
                                "--tag", "tag:web")
@@ -64,7 +64,7 @@ def test_peers_show_and_set_and_a_proxy_key(control, capsys) -> None:
     with pytest.raises(SystemExit):  # argparse: one usage line naming the choices
         control_cli(control, capsys, "peers", "none")
     assert "invalid choice: 'none'" in capsys.readouterr().err
-    code, key, _ = control_cli(control, capsys, "keys", "create", "--proxy")
+    code, key, _ = control_cli(control, capsys, "keys", "create", "--proxy", "--json")
     assert code == 0 and key["proxy"] is True
 
 
@@ -114,6 +114,21 @@ def test_oauth_client_made_by_the_cli_mints_a_tagged_key(control) -> None:
     with pytest.raises(tsapi.APIError) as e:
         asyncio.run(mint())
     assert e.value.status == 401
+
+
+def test_keys_create_prints_the_secret_alone(control) -> None:
+    """As oauth-clients and tokens create: `keys create --reusable > tailnet.key` makes a
+    key file that auth_key_file takes (it printed the whole JSON answer, which `check`
+    refuses as not shaped like a key); what the key is goes to stderr, without it."""
+    made = real_cli(control, "keys", "create", "--reusable", "--tag", "tag:web")
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    assert made.stdout == secret + "\n" and secret.startswith("tskey-auth-")
+    key_id = secret.split("-")[2]
+    assert made.stderr.count("\n") == 1 and "tskey-" not in made.stderr
+    assert f"auth key {key_id} created (reusable, tags tag:web" in made.stderr
+    [listed] = control.admin("list_keys")
+    assert listed["id"] == key_id and listed["reusable"] is True and listed["tags"] == ["tag:web"]
 
 
 def test_api_token_made_by_the_cli(control, capsys) -> None:
