@@ -874,6 +874,8 @@ class Proxy:
             try:
                 key = await self.ctx.login_key(self.cfg, expiry)
             except Exception as e:  # credentials.KeyUnavailable; anything else is a bug, same outcome
+                if not L.key_error:  # readiness was checked at start: say now what a refused
+                    self._recheck.set()  # credential (a client revoked since) means, once per launch
                 L.key_error = redact(policy.whole(str(e) if isinstance(e, credentials.KeyUnavailable)
                                                   else f"cannot get an auth key: {e!r}"))
                 self._login_failed(L, L.key_error)

@@ -190,6 +190,25 @@ def test_no_key_to_mint_backs_off_then_fails_with_the_reason_once(sup, control, 
     assert st["state"] == "failed" and "cannot mint an auth key" in st["reason"]
 
 
+def test_a_client_revoked_while_running_shows_in_readiness_once_a_login_needs_it(sup, control, tmp_path):
+    """Readiness is checked at start and every 6 hours: a client revoked in between
+    showed no warning while the proxy was `failed` for it. A login that cannot mint
+    checks again at once, so the table and status --json say what the failure means."""
+    on_control(sup, control, start_timeout=4)
+    client, path = oauth_client(control, tmp_path)
+    proxy(sup, control, oauth_client_secret_file=path, tags=["tag:web"])
+    sup.start()
+    sup.wait_state("app", "running", 40)
+    assert sup.status()["app"]["credential_warning"] == ""
+    control.admin("revoke_oauth_client", id=client["id"])
+    n = len(sup.events())
+    assert sup.cli("recover", "app", "--data-dir", str(sup.data_dir)).returncode == 0
+    sup.wait_state("app", "failed", 30, after=n)
+    wait_for(lambda: sup.status()["app"]["credential_warning"].startswith("API credential check failed"),
+             10, "the readiness warning for the revoked client")
+    assert client["secret"] not in json.dumps(sup.status())
+
+
 # -- readiness ---------------------------------------------------------------------------------
 
 
