@@ -126,9 +126,12 @@ def from_needs_login(status: NodeStatus | Observed) -> Verdict | None:
 
 def check_state_file(statedir: Path) -> Verdict | None:
     """Before a launch: is `tailscaled.state` readable state? A missing file
-    is a fresh node (None). Zero bytes, or anything that is not a JSON object
-    with `_machinekey`, is corrupt: 1.78.1 would treat a zero-byte file as
-    missing, overwrite it and silently register a new node. A TPM-sealed
+    is a fresh node (None), and so is `{}`, what tailscaled 1.96.4 writes at
+    start before any login (a proxy that never got a key, say: it holds no
+    node to lose, as identity.never_logged_in agrees). Zero bytes, or
+    anything else that is not a JSON object with `_machinekey`, is corrupt:
+    1.78.1 would treat a zero-byte file as missing, overwrite it and silently
+    register a new node. A TPM-sealed
     file (1.96.4 `--encrypt-state`: {"key", "nonce", "data"}) cannot be
     checked here and passes; tailscaled reports an unseal failure itself."""
     path = statedir / STATE_FILE
@@ -146,6 +149,8 @@ def check_state_file(statedir: Path) -> Verdict | None:
         return Verdict(Signal.CORRUPT_STATE, f"state file is not JSON: {path}")
     if isinstance(data, dict) and {"key", "nonce", "data"} <= data.keys():
         return None  # sealed by a TPM
+    if data == {}:
+        return None  # written before any login: nothing of a node in it
     if not isinstance(data, dict) or not data.get("_machinekey"):
         return Verdict(Signal.CORRUPT_STATE, f"state file has no machine key: {path}")
     return None
