@@ -32,6 +32,15 @@ class Verdict:
 LOGGED_OUT = "You are logged out. The last login error was: "
 _REJECTION = re.compile(r"invalid key|register request: http 40[13]\b")
 _NODE_GONE = "PollNetMap: initial fetch failed 404: node not found"
+# A login with a node key the control knows but has expired (facts §4d; printed by
+# tailscale/tailscale control/controlclient/direct.go doLogin, the same words in 1.78.1
+# and 1.96.4): tailscaled makes a new key and the control then answers with an AuthURL.
+_KEY_EXPIRED = re.compile(r"server reports new node key \S+ has expired")
+# Logged by doLogin (direct.go) before the AuthURL reaches LocalBackend, the IPN bus
+# and status: once this line is read, every line before it (_KEY_EXPIRED's) is too.
+_AUTH_URL_LOGGED = "control: AuthURL is "
+STALE_STATE = "control asks for interactive login (stale state: node unknown to control)"
+EXPIRED_LOGIN = "node key expired: the control asks for a new login of the same node"
 # The state cannot be read (tailscale's own words, 1.78.1 and 1.96.4): the
 # store will not open, the saved prefs do not parse, or a TPM-sealed state
 # does not unseal. 1.96.4's harmless "TPM: error opening" at every start is
@@ -62,7 +71,18 @@ def whole(text: str, limit: int = 300) -> str:
 
 
 
-def from_bus(ev: BusEvent) -> list[Verdict]:
+def _login_url(key_expired: bool) -> Verdict:
+    """The control answered a login with an AuthURL. After "node key expired" in
+    the same launch that is the expired key's next step (facts §4d): a re-login in
+    place with the auth key keeps the node, its name and IP. Otherwise the control
+    does not know the node key at all: stale state (facts §4c)."""
+    if key_expired:
+        return Verdict(Signal.KEY_EXPIRED, EXPIRED_LOGIN)
+    return Verdict(Signal.AUTH_FAILURE, STALE_STATE)
+
+
+def from_bus(ev: BusEvent, key_expired: bool = False) -> list[Verdict]:
+    """`key_expired`: this launch of tailscaled already said its node key expired."""
     out: list[Verdict] = []
     if ev.malformed:  # one bad frame costs one line, never the watch
         return [Verdict(None, f"ignored a malformed IPN bus message: {ev.malformed}")]
@@ -70,8 +90,7 @@ def from_bus(ev: BusEvent) -> list[Verdict]:
         sig = Signal.AUTH_FAILURE if is_rejection(ev.err_message) else None
         out.append(Verdict(sig, whole(ev.err_message)))
     if ev.browse_to_url:
-        out.append(Verdict(Signal.AUTH_FAILURE,
-                           "control asks for interactive login (stale state: node unknown to control)"))
+        out.append(_login_url(key_expired))
     for code, text in (ev.health or {}).items():
         if _STATE_STORE.search(text):
             out.append(Verdict(Signal.CORRUPT_STATE, whole(text)))
@@ -86,6 +105,9 @@ def from_stderr(line: str) -> Verdict | None:
     status stays Running for ~9 minutes, stderr is the only prompt signal)."""
     if _NODE_GONE in line:
         return Verdict(Signal.AUTH_FAILURE, "node deleted on the control (map poll: 404 node not found)")
+    m = _KEY_EXPIRED.search(line)
+    if m:  # at a (re)start on a state whose key expired: the status shows only an AuthURL
+        return Verdict(Signal.KEY_EXPIRED, f"node key expired ({m.group(0)})")
     if _STATE_STORE.search(line):
         return Verdict(Signal.CORRUPT_STATE, "state file unreadable: " + whole(line))
     m = _TRANSIENT_STDERR.search(line)
@@ -111,14 +133,20 @@ def from_exit(returncode: int | None, tail: list[str]) -> Verdict:
     return Verdict(Signal.CRASH, f"tailscaled exited with status {returncode}{detail}")
 
 
-def from_needs_login(status: NodeStatus | Observed) -> Verdict | None:
+def logs_auth_url(line: str) -> bool:
+    """tailscaled's line saying the control answered a login with an AuthURL; it is
+    printed before the AuthURL shows on the bus or in status (direct.go doLogin)."""
+    return _AUTH_URL_LOGGED in line
+
+
+def from_needs_login(status: NodeStatus | Observed, key_expired: bool = False) -> Verdict | None:
     """NeedsLogin: why? None means the statedir simply needs a login with the
-    key (fresh or logged out), which is the only time a key is ever sent."""
+    key (fresh or logged out), which is the only time a key is ever sent.
+    `key_expired`: this launch of tailscaled already said its node key expired."""
     if status.backend_state != BackendState.NEEDS_LOGIN:
         return None
     if status.auth_url:
-        return Verdict(Signal.AUTH_FAILURE,
-                       "control asks for interactive login (stale state: node unknown to control)")
+        return _login_url(key_expired)
     if status.expired:
         return Verdict(Signal.KEY_EXPIRED, f"node key expired ({status.key_expiry})")
     return None

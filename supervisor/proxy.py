@@ -162,6 +162,8 @@ class Launch:
     identity_checked: bool = False  # the old device was dealt with before this launch's first login
     identity_task: asyncio.Task | None = None  # identity.keep for a new node (_keep_identity)
     identity_done: bool = False  # that has said its outcome: node.json may name the new node
+    key_expired: bool = False  # this launch's tailscaled said its node key expired (an AuthURL next means in place)
+    auth_url_logged: asyncio.Event = field(default_factory=asyncio.Event)  # stderr read up to an AuthURL
 
 
 def wipe_statedir(statedir: Path) -> None:
@@ -478,7 +480,19 @@ class Proxy:
                 self.last_error = v.reason
                 self._note("transient", v.reason)
             return
+        if v.signal is Signal.KEY_EXPIRED:
+            L.key_expired = True
         self._inbox.put_nowait((L.gen, v.signal, v.reason, time.monotonic()))
+
+    async def _key_expired_before_auth_url(self, L: Launch) -> bool:
+        """Whether the AuthURL just seen (bus, status) follows an expired node key:
+        first read tailscaled's output up to its "AuthURL is" line, which it prints
+        before the AuthURL goes anywhere else, so its "has expired" line is in."""
+        if not L.key_expired:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):  # the line is never missing; a bound all the same
+                    await L.auth_url_logged.wait()
+        return L.key_expired
 
     def _start_launch(self) -> None:
         self._gen += 1
@@ -568,6 +582,8 @@ class Proxy:
             L.tail.append(line)
             if self._log:
                 self._log.write(line)
+            if policy.logs_auth_url(line):
+                L.auth_url_logged.set()
             v = policy.from_stderr(line)
             if v is not None and not L.stopping:
                 self.post(L, v)
@@ -588,7 +604,8 @@ class Proxy:
                 continue
             try:
                 async for ev in api.watch_bus():
-                    for v in policy.from_bus(ev):
+                    expired = bool(ev.browse_to_url) and await self._key_expired_before_auth_url(L)
+                    for v in policy.from_bus(ev, key_expired=expired):
                         self.post(L, v)
                     if not ev.netmap or self.state is not State.RUNNING:
                         L.dirty.set()  # a netmap brings grants (HTTPS, Funnel) a degraded proxy waits for
@@ -632,7 +649,8 @@ class Proxy:
         if st is not ts.BackendState.RUNNING:
             login_in_flight = bool(L.up and L.up.alive) or L.login_retry_at == float("inf")
             if st is ts.BackendState.NEEDS_LOGIN and not login_in_flight:
-                v = policy.from_needs_login(obs)
+                v = policy.from_needs_login(obs, key_expired=bool(obs.auth_url)
+                                            and await self._key_expired_before_auth_url(L))
                 if v is not None and not (v.signal is Signal.KEY_EXPIRED and self.state is State.RECOVERING):
                     self.post(L, v)
                     return

@@ -111,8 +111,13 @@ def decide(state: State, facts: Facts) -> Decision:
     if s is Signal.REREGISTER:
         return Decision(Action.REREGISTER, State.STARTING, "reregistering")
 
+    if s is Signal.KEY_EXPIRED and state is State.RECOVERING:
+        # the expired key's own next steps (tailscaled's "has expired" line, then an AuthURL)
+        # during the in-place login that answers them; if that login does not help, its
+        # rejection (AUTH_FAILURE) or the recovery's deadline says so. Never a wipe.
+        return stay
     if s in (Signal.AUTH_FAILURE, Signal.CORRUPT_STATE, Signal.KEY_EXPIRED):
-        if state is State.RECOVERING and facts.wipe_pending and s is not Signal.KEY_EXPIRED:
+        if state is State.RECOVERING and facts.wipe_pending:
             return Decision(Action.RECOVER, State.RECOVERING, "recovering")  # the restored state failed: wipe
         if state is State.RECOVERING or not facts.budget_armed:
             return Decision(Action.STOP, State.FAILED,

@@ -116,3 +116,48 @@ def test_a_node_deleted_after_a_restore_fails_saying_the_recovery_was_used_and_w
     out = sup.cli("restart", "app", "--data-dir", str(sup.data_dir))
     assert out.returncode == 0, out.stderr
     sup.wait_state("app", "running", 40, after=n)  # the budget back: the deleted node is replaced
+
+
+def test_a_node_key_that_expired_while_stopped_logs_in_again_in_place(sup, control, tmp_path, any_bins):
+    """tailscaled started on a state whose node key expired (a NAS reboot, `restart
+    NAME` after failed) hears "server reports new node key … has expired" and then an
+    AuthURL: an in-place re-login (facts §4d), never the stale-state wipe that the
+    AuthURL alone would mean. No API credential: a wipe would show as `app-1`, a new IP."""
+    use_bins(sup, any_bins)
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    before = _identity(sup, control)
+    assert sup.stop() == 0
+    control.admin("expire_node", id=before[0])
+    assert control.node_named("app")["expired"]
+    n = len(sup.events())
+    sup.start()
+    sup.wait_state("app", "running", 40, after=n)
+    evs = app_events(sup, n)
+    assert "reauthenticating" in evs and "wiped" not in evs and "failed" not in evs, evs
+    assert _identity(sup, control) == before  # the node, its name and its IP
+    assert [x["hostname"] for x in control.nodes()] == ["app"] and not control.node_named("app")["expired"]
+    assert sup.status()["app"]["state"] == "running"
+
+
+def test_restart_of_a_proxy_failed_by_its_second_key_expiry_logs_in_again_in_place(sup, control, tmp_path, any_bins):
+    """The tester's path: the key expires twice while running (the second finds the one
+    recovery spent: failed), then `ts-supervisor restart app` starts tailscaled on the
+    expired state. Before the fix that wiped it: `app-1`, a new IP."""
+    use_bins(sup, any_bins)
+    run_proxy(sup, control, tmp_path, "app", reusable=True)
+    before = _identity(sup, control)
+    n = len(sup.events())
+    control.admin("expire_node", id=before[0])
+    sup.wait_state("app", "recovering", 20, after=n)
+    sup.wait_state("app", "running", 30, after=n)
+    n = len(sup.events())
+    control.admin("expire_node", id=before[0])
+    assert "node key expired" in sup.wait_state("app", "failed", 20, after=n)["reason"]
+    n = len(sup.events())
+    out = sup.cli("restart", "app", "--data-dir", str(sup.data_dir))
+    assert out.returncode == 0, out.stderr
+    sup.wait_state("app", "running", 40, after=n)
+    evs = app_events(sup, n)
+    assert "reauthenticating" in evs and "wiped" not in evs, evs
+    assert _identity(sup, control) == before
+    assert [x["hostname"] for x in control.nodes()] == ["app"]

@@ -24,7 +24,11 @@ TABLE = [
     (S.STARTING,   G.CORRUPT_STATE,   False, 0,   A.STOP,             S.FAILED,     "failed"),
     # expired key: re-authenticate in place, same budget
     (S.RUNNING,    G.KEY_EXPIRED,     True,  0,   A.REAUTH,           S.RECOVERING, "reauthenticating"),
-    (S.RECOVERING, G.KEY_EXPIRED,     False, 0,   A.STOP,             S.FAILED,     "recovery_failed"),
+    (S.STARTING,   G.KEY_EXPIRED,     True,  0,   A.REAUTH,           S.RECOVERING, "reauthenticating"),  # at a (re)start
+    (S.STARTING,   G.KEY_EXPIRED,     False, 0,   A.STOP,             S.FAILED,     "failed"),
+    # the expired key's next steps (AuthURL) during the re-login answering them: never failed, never a wipe
+    (S.RECOVERING, G.KEY_EXPIRED,     False, 0,   A.NOTHING,          S.RECOVERING, ""),
+    (S.RECOVERING, G.KEY_EXPIRED,     True,  0,   A.NOTHING,          S.RECOVERING, ""),
     # crashes: backoff until the start limit
     (S.RUNNING,    G.CRASH,           True,  0,   A.SCHEDULE_RESTART, S.BACKOFF,    "crashed"),
     (S.STARTING,   G.CRASH,           True,  4,   A.SCHEDULE_RESTART, S.BACKOFF,    "crashed"),
@@ -91,9 +95,9 @@ def test_a_restored_state_that_is_rejected_gets_the_one_wipe_then_failed():
     assert decide(State.RECOVERING, corrupt_again).action is Action.RECOVER
     wiped_rejected = Facts(Signal.AUTH_FAILURE, budget_armed=False, wipe_pending=False)
     assert decide(State.RECOVERING, wiped_rejected) == Decision(Action.STOP, State.FAILED, "recovery_failed")
-    # an expired key is re-authenticated, never wiped
+    # a restored state whose key expired is logged in again in place, never wiped
     assert decide(State.RECOVERING, Facts(Signal.KEY_EXPIRED, budget_armed=False, wipe_pending=True)
-                  ).state is State.FAILED
+                  ) == Decision(Action.NOTHING, State.RECOVERING, "")
 
 
 @pytest.mark.parametrize("state,signal,armed,restarts,action,next_state,event", TABLE,

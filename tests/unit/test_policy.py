@@ -53,6 +53,46 @@ def test_stderr_lines(line, signal):
     assert v is not None and v.signal is signal
 
 
+# tailscaled restarted on a state whose node key expired (facts §4d): these exact lines,
+# in this order, from 1.78.1 and 1.96.4 alike (direct.go doLogin)
+_EXPIRED_AT_START = [
+    "2026/12/01 03:06:44 control: RegisterReq: got response; nodeKeyExpired=true, machineAuthorized=true; authURL=false",
+    "2026/12/01 03:06:44 control: server reports new node key [xsINh] has expired",
+    "2026/12/01 03:06:44 control: doLogin(regen=true, hasUrl=false)",
+    "2026/12/01 03:06:44 control: RegisterReq: got response; nodeKeyExpired=false, machineAuthorized=false; authURL=true",
+    "2026/12/01 03:06:44 control: AuthURL is http://127.0.0.1:33995/a/eb3873b7bff20b76",
+]
+# a really stale state (facts §4c): the control does not know the key, no "has expired"
+_STALE_AT_START = [
+    "2026/12/01 03:06:44 control: RegisterReq: got response; nodeKeyExpired=false, machineAuthorized=false; authURL=true",
+    "2026/12/01 03:06:44 control: AuthURL is http://127.0.0.1:8/a/8cb07d3ebb3724f3",
+]
+
+
+@pytest.mark.parametrize("lines,signals,auth_url_logged", [
+    (_EXPIRED_AT_START, [Signal.KEY_EXPIRED], True),
+    (_STALE_AT_START, [], True),
+])
+def test_a_restart_on_expired_or_stale_state_says_which_before_the_auth_url(lines, signals, auth_url_logged):
+    verdicts = [v for v in map(policy.from_stderr, lines) if v is not None]
+    assert [v.signal for v in verdicts] == signals
+    assert all("[xsINh] has expired" in v.reason and "\n" not in v.reason for v in verdicts)
+    assert policy.logs_auth_url(lines[-1]) is auth_url_logged
+    assert not any(policy.logs_auth_url(l) for l in lines[:-1])
+
+
+@pytest.mark.parametrize("key_expired,signal", [
+    (False, Signal.AUTH_FAILURE),  # node unknown to control: stale state, the one wipe
+    (True, Signal.KEY_EXPIRED),    # the expired key's next step: log in again in place
+])
+def test_an_auth_url_means_stale_state_unless_the_key_expired_first(key_expired, signal):
+    notify = BusEvent.parse({"State": 2, "BrowseToURL": "http://127.0.0.1:1/a/8cb07d3ebb3724f3"})
+    assert [v.signal for v in policy.from_bus(notify, key_expired=key_expired)] == [signal]
+    v = policy.from_needs_login(_status(auth_url="http://x/a/1"), key_expired=key_expired)
+    assert v.signal is signal
+    assert ("stale state" in v.reason) is (not key_expired)
+
+
 def test_ordinary_stderr_is_ignored():
     assert policy.from_stderr("2026/11/25 03:42:04 magicsock: disco: node [abc] now using 127.0.0.1:41641") is None
 
