@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+import weakref
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -463,6 +464,135 @@ def rows_line(win: Window, attention: Sequence[int]) -> Text:
     return line
 
 
+_ROW = Style(meta={"row": True})  # marks a row's lines (a style meta, never printed)
+
+
+def _row_lines(lines: Sequence[Sequence[Segment]]) -> tuple[list, list, list]:
+    """A rendered table's lines split into (head, rows' lines in order, trailer)
+    by the _ROW mark."""
+    head: list = []
+    body: list = []
+    trailer: list = []
+    for line in lines:
+        if any(seg.style is not None and seg.style.meta.get("row") for seg in line):
+            body.append(line)
+        elif body:
+            trailer.append(line)
+        else:
+            head.append(line)
+    return head, body, trailer
+
+
+def _selected_style(selected: bool) -> Style:
+    return Style(reverse=True) + _ROW if selected else _ROW
+
+
+def _lay_out(console: Console, options: ConsoleOptions, snaps: Sequence[ProxySnapshot],
+             rows: Sequence[tuple[str, ...]], c0: int, c1: int, now: float, wide: bool, medium: bool,
+             selected: int | None) -> tuple[list, dict[int, list], list]:
+    """Rows c0..c1-1 laid out as one table: (head lines, {row: its lines}, trailer lines)."""
+    head: list = []
+    per_row: dict[int, list] = {}
+    trailer: list = []
+    t = _table(wide, medium)
+    for i in range(c0, c1):  # each line knows its row (a style meta, never printed)
+        style = Style(reverse=True) if i == selected else None
+        _add_row(t, snaps[i], rows[i], now, wide, medium, style + Style(meta={"row": i}) if style
+                 else Style(meta={"row": i}))
+    for line in console.render_lines(t, options, pad=False):
+        tags = {seg.style.meta["row"] for seg in line if seg.style is not None and "row" in seg.style.meta}
+        if tags:
+            per_row.setdefault(min(tags), []).append(line)
+        elif per_row:
+            trailer.append(line)
+        else:
+            head.append(line)
+    return head, per_row, trailer
+
+
+class _FixedTable(Table):
+    """A Table drawn at given column widths (padding included, as rich's
+    _calculate_column_widths gives them), so one row of a bigger table can be
+    drawn alone exactly as it is drawn there, without measuring any cell."""
+
+    def __init__(self, widths: Sequence[int], **kw) -> None:
+        super().__init__(**kw)
+        self._fixed_widths = list(widths)
+
+    def _calculate_column_widths(self, console: Console, options: ConsoleOptions) -> list[int]:
+        return list(self._fixed_widths)
+
+
+def _fixed_table(widths: Sequence[int], wide: bool, medium: bool, header: bool) -> Table:
+    t = _table(wide, medium)
+    f = _FixedTable(widths, title=t.title if header else None, title_justify=t.title_justify, box=t.box,
+                    pad_edge=t.pad_edge, padding=t.padding, expand=t.expand, show_header=header)
+    f.columns = t.columns
+    return f
+
+
+class _RowCache:
+    """One console's laid-out rows between frames. Every key is made of frozen
+    values (snapshots, their cells' plain text, widths, the layout), so a hit
+    gives exactly what laying the row out again would; bounded by clearing."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self.widths: dict = {}
+        self.heads: dict = {}
+        self.rows: dict = {}
+
+    def put(self, d: dict, key, value):
+        if len(d) >= self.LIMIT:
+            d.clear()
+        d[key] = value
+        return value
+
+
+_CACHES: "weakref.WeakKeyDictionary[Console, _RowCache]" = weakref.WeakKeyDictionary()
+
+
+def _lay_out_cached(console: Console, options: ConsoleOptions, snaps: Sequence[ProxySnapshot],
+                    rows: Sequence[tuple[str, ...]], c0: int, c1: int, now: float, wide: bool, medium: bool,
+                    selected: int | None) -> tuple[list, dict[int, list], list]:
+    """_lay_out's lines, each row drawn alone at the column widths the
+    candidates give together, and kept on `console` for the next frame: a row
+    is laid out again only when its snapshot, its cells' text (uptime, key
+    expiry), its selection or the widths change. A row's cells are a function
+    of (snapshot, plain cells, layout): `now` reaches them only through the
+    plain uptime and key cells."""
+    cache = _CACHES.get(console)
+    if cache is None:
+        cache = _CACHES[console] = _RowCache()
+    layout = (wide, medium, options.max_width, options.ascii_only, options.encoding)
+    keys = [(snaps[i], rows[i], i == selected) for i in range(c0, c1)]
+    wkey = (layout, tuple(keys))
+    widths = cache.widths.get(wkey)
+    if widths is None:
+        t = _table(wide, medium)
+        for i in range(c0, c1):
+            _add_row(t, snaps[i], rows[i], now, wide, medium, _selected_style(i == selected))
+        widths = cache.put(cache.widths, wkey, tuple(t._calculate_column_widths(
+            console, options.update_width(options.max_width - t._extra_width))))
+    hkey = (layout, widths)
+    ends = cache.heads.get(hkey)
+    if ends is None:
+        lines = console.render_lines(_fixed_table(widths, wide, medium, header=True), options, pad=False)
+        ends = cache.put(cache.heads, hkey, (lines[:-1], lines[-1:]) if lines else ([], []))
+    per_row: dict[int, list] = {}
+    for i, key in zip(range(c0, c1), keys):
+        rkey = (layout, widths, key)
+        lines = cache.rows.get(rkey)
+        if lines is None:
+            t = _fixed_table(widths, wide, medium, header=False)
+            _add_row(t, snaps[i], rows[i], now, wide, medium, _selected_style(key[2]))
+            lines = cache.put(cache.rows, rkey, _row_lines(console.render_lines(t, options, pad=False))[1])
+        per_row[i] = lines
+    return ends[0], per_row, ends[1]
+
+
+
 def render(snaps: Sequence[ProxySnapshot], now: float | None = None, errors: Sequence[str] = (),
            width: int = 200, ui: UIState | None = None, panel_lines: Sequence[str] = (),
            height: int | None = None, console: Console | None = None) -> Group:
@@ -480,7 +610,8 @@ def render(snaps: Sequence[ProxySnapshot], now: float | None = None, errors: Seq
 
 def view(snaps: Sequence[ProxySnapshot], now: float | None = None, errors: Sequence[str] = (),
          width: int = 200, ui: UIState | None = None, panel_lines: Sequence[str] = (),
-         height: int | None = None, console: Console | None = None) -> tuple[Group, Window]:
+         height: int | None = None, console: Console | None = None, *,
+         cache: bool = True) -> tuple[Group, Window]:
     """render() and the Window it shows. Without `height` every row is drawn
     (`status`). With it, the whole frame fits `height` lines: only the rows
     that fit are drawn, from `ui.top` (the view position) and always with the
@@ -488,7 +619,11 @@ def view(snaps: Sequence[ProxySnapshot], now: float | None = None, errors: Seque
     hidden. Only those rows are laid out, once, so a frame costs the same at
     200 proxies as at 20: the candidate rows are rendered on `console` (a
     private one at `width` if None) and their lines kept up to the room.
-    Pure: the same snapshots, view position and size give the same frame."""
+    Pure: the same snapshots, view position and size give the same frame.
+    With `cache`, a row's lines are kept between frames on the same `console`
+    (keyed by its snapshot, its cells' text and the column widths:
+    _lay_out_cached); without, the candidates are laid out as one table
+    (_lay_out). Both give the same lines (tests/unit/test_console.py)."""
     now = time.time() if now is None else now
     rows = [_plain_row(s, now) for s in snaps]  # every row: the layout does not change as one scrolls
     wide = width >= WIDE and _wide_fits(rows, width)
@@ -506,15 +641,11 @@ def view(snaps: Sequence[ProxySnapshot], now: float | None = None, errors: Seque
                               title=title, title_align="left", box=box.SQUARE, padding=(0, 1)))
         tail.append(footer(ui))
 
-    def row_style(i: int, meta: bool) -> Style | None:
-        style = Style(reverse=True) if i == selected else None
-        return style + Style(meta={"row": i}) if meta and style else Style(meta={"row": i}) if meta else style
-
     n = len(snaps)
     if height is None or n == 0:
         t = _table(wide, medium)
         for i, (s, row) in enumerate(zip(snaps, rows)):
-            _add_row(t, s, row, now, wide, medium, row_style(i, False))
+            _add_row(t, s, row, now, wide, medium, Style(reverse=True) if i == selected else None)
         return Group(t, *tail), Window(0, n, n)
 
     if console is None:
@@ -526,22 +657,12 @@ def view(snaps: Sequence[ProxySnapshot], now: float | None = None, errors: Seque
     # 1. candidates from each row's fewest lines: a superset of the rows that fit
     lows = [_min_lines(s, row, wide) for s, row in zip(snaps, rows)]
     c0, c1 = window(lows, room - HEAD_GUESS, top, selected)
-    # 2. draw the candidates once; each line knows its row (a style meta, never printed)
-    t = _table(wide, medium)
-    for i in range(c0, c1):
-        _add_row(t, snaps[i], rows[i], now, wide, medium, row_style(i, True))
-    lines = console.render_lines(t, options, pad=False)
-    head: list = []
-    per_row: dict[int, list] = {}
-    trailer: list = []
-    for line in lines:
-        tags = {seg.style.meta["row"] for seg in line if seg.style is not None and "row" in seg.style.meta}
-        if tags:
-            per_row.setdefault(min(tags), []).append(line)
-        elif per_row:
-            trailer.append(line)
-        else:
-            head.append(line)
+    # 2. lay out the candidates: each row's lines, the head (title, header, rule) and the trailer
+    if cache:
+        head, per_row, trailer = _lay_out_cached(console, options, snaps, rows, c0, c1, now, wide, medium,
+                                                 selected)
+    else:
+        head, per_row, trailer = _lay_out(console, options, snaps, rows, c0, c1, now, wide, medium, selected)
     heights = [len(per_row.get(i, ())) or 1 for i in range(c0, c1)]
     f0, f1 = window(heights, room - len(head), top - c0, None if selected is None else selected - c0)
     first, end = c0 + f0, c0 + f1

@@ -614,3 +614,38 @@ def test_a_tall_row_is_whole_when_it_fits_and_the_frame_always_fits():
             assert all(f"word{i}" in body for i in range(60))
         else:  # taller than the screen: its top, then "…", and the footer still there
             assert "word0" in body and "word59" not in body and "…" in body
+
+
+def test_a_frame_from_cached_rows_is_the_frame_laid_out_as_one_table():
+    """view() keeps each row's lines on the console between frames (keyed by
+    the snapshot, its cells' text and the column widths): every frame, cold or
+    warm, after a scroll, a new selection, a changed row or a tick of the
+    clock, is exactly (text and colours) the candidates laid out as one table."""
+    snaps = fleet(60, failing=(3, 40))
+    snaps[5] = replace(snaps[5], state="degraded", upstream="refused", reason="upstream refused")
+    snaps[6] = replace(snaps[6], credential="reusable key", credential_warning="auth key expires in 3 days",
+                       key_expiry="2099-01-01T00:00:00Z", upstream="ok")
+    snaps[7] = replace(snaps[7], name="a-much-longer-proxy-name-than-the-others", dns_name="")
+    snaps[8] = replace(snaps[8], state="backoff", reason="tailscaled exited: " + "x" * 150, running_since=None)
+
+    def frame(console, snaps, ui, now, cache):
+        group, win = view(snaps, now=now, width=console.width, ui=ui, height=console.height,
+                          console=console, cache=cache)
+        console.print(group)
+        return console.export_text(styles=True), win
+
+    for width, height in ((80, 24), (100, 30), (140, 40), (200, 50)):
+        warm = Console(record=True, width=width, height=height, color_system="truecolor", force_terminal=True)
+        ui = UIState()
+        steps = ["down"] * 9 + ["pagedown", "pagedown", "end", "home", "down"]
+        for k, key in enumerate(steps):
+            ui, _ = on_key(ui, key, [s.name for s in snaps])
+            now = NOW + 30 * (k // 3)  # the uptime cells change every third frame
+            if k == 10:
+                snaps[2] = replace(snaps[2], state="failed", last_error="gone", restarts=4)
+            for _ in range(2):  # cold, then warm
+                reference = Console(record=True, width=width, height=height, color_system="truecolor",
+                                    force_terminal=True)
+                assert frame(warm, snaps, ui, now, True) == frame(reference, snaps, ui, now, False), \
+                    (width, height, key)
+            ui = replace(ui, top=frame(warm, snaps, ui, now, True)[1].first)
