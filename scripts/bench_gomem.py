@@ -289,6 +289,7 @@ def main() -> None:
     finally:
         control.close()
         backend.shutdown()
+        shutil.rmtree(root, ignore_errors=True)  # statedirs and the binaries' copy, also after a failure
     summary = {"rows": rows, "peers": args.peers, "settle_s": args.settle, "idle_s": args.idle,
                "cores": len(os.sched_getaffinity(0)), "elapsed_s": time.monotonic() - started}
     args.out.mkdir(exist_ok=True)
@@ -296,7 +297,6 @@ def main() -> None:
     print()
     print(table(rows, args.settle, args.idle))
     print(f"\nwrote {args.out / 'bench-gomem.json'} ({summary['elapsed_s']:.0f} s)")
-    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
