@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import functools
 import io
 import json
 import os
@@ -35,6 +36,8 @@ from rich import box
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, Group
 from rich.live import Live
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.panel import Panel
 from rich.segment import Segment
 from rich.style import Style
@@ -73,6 +76,7 @@ def human_bytes(n: int) -> str:
     return f"{n}"
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_key_expiry(value: str | None) -> float | None:
     """tailscaled's Self.KeyExpiry (RFC 3339) as a wall-clock time; None when
     expiry is disabled (absent, empty, or Go's zero time) or unreadable."""
@@ -84,18 +88,24 @@ def parse_key_expiry(value: str | None) -> float | None:
         return None
 
 
+def _key_expiry(value: str | None, now: float) -> tuple[str, str]:
+    """key_expiry_cell's (text, style)."""
+    at = parse_key_expiry(value)
+    if at is None:
+        return "", ""
+    left = at - now
+    if left <= 0:
+        return "expired", "bold red"
+    if left < KEY_WARN:
+        return human_duration(left), "bold yellow"
+    return f"{int(left // 86400)}d", ""
+
+
 def key_expiry_cell(value: str | None, now: float) -> Text:
     """The countdown to node-key expiry: days when far, a warning under 7 days,
     nothing when expiry is disabled."""
-    at = parse_key_expiry(value)
-    if at is None:
-        return Text("")
-    left = at - now
-    if left <= 0:
-        return Text("expired", style="bold red")
-    if left < KEY_WARN:
-        return Text(human_duration(left), style="bold yellow")
-    return Text(f"{int(left // 86400)}d")
+    text, style = _key_expiry(value, now)
+    return Text(text, style=style) if style else Text(text)
 
 
 def key_cell(s: ProxySnapshot, now: float) -> Text:
@@ -294,10 +304,16 @@ def _wide_fits(rows: Sequence[tuple], width: int) -> bool:
     caps = (NAME_WIDE, None, None, TARGET_WIDE, None, None, None, None, None)
     needed = 0
     for i, (header, cap) in enumerate(zip(WIDE_HEADERS, caps)):
-        w = max([cell_len(header)] + [cell_len(line) for row in rows for line in row[i].split("\n")])
+        w = max([cell_len(header)] + [_lines_width(row[i]) for row in rows])
         needed += (min(w, cap) if cap else w) + 2
     columns = len(WIDE_HEADERS) + 1
     return needed - 1 + ERROR_MIN + 1 + (columns - 1) + 2 <= width
+
+
+@functools.lru_cache(maxsize=8192)
+def _lines_width(cell: str) -> int:
+    """The widest line of a plain cell, in terminal columns."""
+    return max(cell_len(line) for line in cell.split("\n"))
 
 
 def needs_attention(s: ProxySnapshot) -> bool:
@@ -325,18 +341,28 @@ def resource_cell(s: ProxySnapshot) -> str:
 
 def _plain_row(s: ProxySnapshot, now: float) -> tuple[str, ...]:
     """The wide layout's fixed cells as plain text (what column widths are made of)."""
+    name, state, ip4, target, pid, res, counts = _static_cells(s)
+    key, _ = _key_expiry(s.key_expiry, now)
+    if s.credential:  # as key_cell draws it
+        key += ("\n" if key else "") + s.credential
+    return (name, state, ip4, target, pid, res,
+            human_duration(now - s.running_since) if s.running_since else "-", counts, key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _static_cells(s: ProxySnapshot) -> tuple[str, ...]:
+    """_plain_row's cells that do not change with the clock (a snapshot is frozen)."""
     ip4 = next((ip for ip in s.tailscale_ips if ":" not in ip), s.tailscale_ips[0] if s.tailscale_ips else "")
     label = s.dns_name or (s.hostname if s.hostname != s.name else "")
     return (s.name + (f"\n{label}" if label else ""), s.state, ip4 or "-",
             target_cell(s, TARGET_WIDE).plain, str(s.pid) if s.pid else "-", resource_cell(s),
-            human_duration(now - s.running_since) if s.running_since else "-",
-            f"{s.restarts}/{s.recoveries}", key_cell(s, now).plain)
+            f"{s.restarts}/{s.recoveries}")
 
 
 def _min_lines(s: ProxySnapshot, row: tuple[str, ...], wide: bool) -> int:
     """The fewest lines the row can take (its cells' own line breaks; the error
     may wrap to more): what choosing candidate rows before drawing them needs."""
-    extras = (upstream_problem(s) is not None) + (credential_problem(s) is not None)
+    extras = (s.upstream is not None and s.upstream != "ok") + bool(s.credential_warning)  # the problems' lines
     why = bool(s.reason if s.reason and s.state not in ("running", "stopped") else s.last_error)
     cells = max(row[0].count("\n"), row[8].count("\n")) + 1
     return max(cells, extras + 1 if wide else 1 + why + extras, 1 if wide else 2)
@@ -365,6 +391,11 @@ def _table(wide: bool, medium: bool) -> Table:
 
 def _add_row(t: Table, s: ProxySnapshot, row: tuple[str, ...], now: float, wide: bool, medium: bool,
              style: Style | str | None) -> None:
+    t.add_row(*_row_cells(s, row, now, wide, medium), style=style)
+
+
+def _row_cells(s: ProxySnapshot, row: tuple[str, ...], now: float, wide: bool, medium: bool) -> list:
+    """One row's cells (Text or str), in the columns of _table(wide, medium)."""
     _, _, ip4, _, pid, res, up, counts, _ = row
     name = Text(s.name, style="bold")
     label = s.dns_name or (s.hostname if s.hostname != s.name else "")
@@ -383,7 +414,7 @@ def _add_row(t: Table, s: ProxySnapshot, row: tuple[str, ...], now: float, wide:
         for extra in (problem, warning):
             if extra:
                 error.append("\n" if error.plain else "").append_text(extra)
-        t.add_row(name, state, ip4, target, pid, res, up, counts, key, error, style=style)
+        return [name, state, ip4, target, pid, res, up, counts, key, error]
     else:
         if why:
             state.append(f"\n{redact(why)}", style=error_style)
@@ -394,7 +425,7 @@ def _add_row(t: Table, s: ProxySnapshot, row: tuple[str, ...], now: float, wide:
         cells = [name, state, Text(ip4).append("\n").append_text(target)]
         if medium:
             cells.append(f"{s.pid or '-'}\n{res}")
-        t.add_row(*cells, f"{up}\n{counts}", key, style=style)
+        return [*cells, f"{up}\n{counts}", key]
 
 
 @dataclass(frozen=True)
@@ -464,29 +495,6 @@ def rows_line(win: Window, attention: Sequence[int]) -> Text:
     return line
 
 
-_ROW = Style(meta={"row": True})  # marks a row's lines (a style meta, never printed)
-
-
-def _row_lines(lines: Sequence[Sequence[Segment]]) -> tuple[list, list, list]:
-    """A rendered table's lines split into (head, rows' lines in order, trailer)
-    by the _ROW mark."""
-    head: list = []
-    body: list = []
-    trailer: list = []
-    for line in lines:
-        if any(seg.style is not None and seg.style.meta.get("row") for seg in line):
-            body.append(line)
-        elif body:
-            trailer.append(line)
-        else:
-            head.append(line)
-    return head, body, trailer
-
-
-def _selected_style(selected: bool) -> Style:
-    return Style(reverse=True) + _ROW if selected else _ROW
-
-
 def _lay_out(console: Console, options: ConsoleOptions, snaps: Sequence[ProxySnapshot],
              rows: Sequence[tuple[str, ...]], c0: int, c1: int, now: float, wide: bool, medium: bool,
              selected: int | None) -> tuple[list, dict[int, list], list]:
@@ -531,17 +539,61 @@ def _fixed_table(widths: Sequence[int], wide: bool, medium: bool, header: bool) 
     return f
 
 
-class _RowCache:
-    """One console's laid-out rows between frames. Every key is made of frozen
-    values (snapshots, their cells' plain text, widths, the layout), so a hit
-    gives exactly what laying the row out again would; bounded by clearing."""
+class _MeasuredTable(Table):
+    """A Table whose cells' measurements are kept in `measured` between
+    frames, keyed by (column, cell key, available width): rich's
+    Table._measure_column with a cache, so a changed cell is the only one
+    measured again."""
 
-    LIMIT = 4096
+    def __init__(self, measured: dict, keys: Sequence[tuple], **kw) -> None:
+        super().__init__(**kw)
+        self._measured = measured
+        self._keys = keys
+
+    def _measure_column(self, console: Console, options: ConsoleOptions, column) -> Measurement:
+        max_width = options.max_width
+        if max_width < 1 or column.width is not None:
+            return super()._measure_column(console, options, column)
+        padding_width = self._get_padding_width(column._index)
+        j = column._index
+        keys = ([("header", column.header)] if self.show_header else []) + [k[j] for k in self._keys]
+        min_widths, max_widths = [], []
+        for cell, key in zip(self._get_cells(console, j, column), keys):
+            mkey = (j, key, max_width, padding_width)
+            m = self._measured.get(mkey)
+            if m is None:
+                if len(self._measured) >= _RowCache.LIMIT:
+                    self._measured.clear()
+                m = self._measured[mkey] = Measurement.get(console, options, cell.renderable)
+            min_widths.append(m.minimum)
+            max_widths.append(m.maximum)
+        measurement = Measurement(max(min_widths) if min_widths else 1,
+                                  max(max_widths) if max_widths else max_width).with_maximum(max_width)
+        return measurement.clamp(None if column.min_width is None else column.min_width + padding_width,
+                                 None if column.max_width is None else column.max_width + padding_width)
+
+
+def _cell_key(cell) -> tuple:
+    """A cell's content as a hashable value: all that drawing it depends on."""
+    if isinstance(cell, Text):
+        return (cell.plain, tuple(cell.spans), cell.style, cell.justify, cell.overflow, cell.no_wrap, cell.end)
+    return (cell,)
+
+
+class _RowCache:
+    """One console's laid-out pieces between frames. Every key is made of
+    frozen values (snapshots, cells' text and spans, widths, the layout), so a
+    hit gives exactly what drawing again would; bounded by clearing."""
+
+    LIMIT = 8192
 
     def __init__(self) -> None:
-        self.widths: dict = {}
-        self.heads: dict = {}
-        self.rows: dict = {}
+        self.cells: dict = {}   # (snapshot, plain row, layout) -> (cells, their keys)
+        self.widths: dict = {}  # (layout, candidates' cell keys) -> column widths
+        self.measured: dict = {}  # (column, cell key, width, padding) -> the cell's Measurement
+        self.heads: dict = {}   # (layout, widths) -> (head lines, trailer lines)
+        self.drawn: dict = {}   # (layout, column, width, cell key, selected) -> the cell's lines
+        self.rows: dict = {}    # (layout, widths, cell keys, selected, last) -> the row's lines
 
     def put(self, d: dict, key, value):
         if len(d) >= self.LIMIT:
@@ -556,23 +608,35 @@ _CACHES: "weakref.WeakKeyDictionary[Console, _RowCache]" = weakref.WeakKeyDictio
 def _lay_out_cached(console: Console, options: ConsoleOptions, snaps: Sequence[ProxySnapshot],
                     rows: Sequence[tuple[str, ...]], c0: int, c1: int, now: float, wide: bool, medium: bool,
                     selected: int | None) -> tuple[list, dict[int, list], list]:
-    """_lay_out's lines, each row drawn alone at the column widths the
-    candidates give together, and kept on `console` for the next frame: a row
-    is laid out again only when its snapshot, its cells' text (uptime, key
-    expiry), its selection or the widths change. A row's cells are a function
-    of (snapshot, plain cells, layout): `now` reaches them only through the
-    plain uptime and key cells."""
+    """_lay_out's lines, drawn cell by cell as rich's Table draws a row (each
+    cell padded, rendered at its column's width, aligned to the top, then
+    joined by the box's dividers), at the widths the candidates give
+    together. Cells are kept on `console` for the next frame: a tick that
+    changes only the uptime column draws only those cells again. A row's cells
+    are a function of (snapshot, plain cells, layout): `now` reaches them only
+    through the plain uptime and key cells."""
     cache = _CACHES.get(console)
     if cache is None:
         cache = _CACHES[console] = _RowCache()
     layout = (wide, medium, options.max_width, options.ascii_only, options.encoding)
-    keys = [(snaps[i], rows[i], i == selected) for i in range(c0, c1)]
-    wkey = (layout, tuple(keys))
+    cand = []
+    for i in range(c0, c1):
+        ckey = (snaps[i], rows[i], layout)
+        got = cache.cells.get(ckey)
+        if got is None:
+            cells = _row_cells(snaps[i], rows[i], now, wide, medium)
+            got = cache.put(cache.cells, ckey, (cells, tuple(_cell_key(c) for c in cells)))
+        cand.append(got)
+    t = _table(wide, medium)
+    wkey = (layout, tuple(k for _, k in cand))
     widths = cache.widths.get(wkey)
     if widths is None:
-        t = _table(wide, medium)
-        for i in range(c0, c1):
-            _add_row(t, snaps[i], rows[i], now, wide, medium, _selected_style(i == selected))
+        m = _MeasuredTable(cache.measured, wkey[1], title=t.title, title_justify=t.title_justify, box=t.box,
+                           pad_edge=t.pad_edge, padding=t.padding, expand=t.expand)
+        m.columns = t.columns
+        for cells, _ in cand:
+            m.add_row(*cells)
+        t = m
         widths = cache.put(cache.widths, wkey, tuple(t._calculate_column_widths(
             console, options.update_width(options.max_width - t._extra_width))))
     hkey = (layout, widths)
@@ -580,17 +644,57 @@ def _lay_out_cached(console: Console, options: ConsoleOptions, snaps: Sequence[P
     if ends is None:
         lines = console.render_lines(_fixed_table(widths, wide, medium, header=True), options, pad=False)
         ends = cache.put(cache.heads, hkey, (lines[:-1], lines[-1:]) if lines else ([], []))
+    # what Table._render does for a row (rich/table.py): box pieces, padding, styles
+    get_style = console.get_style
+    border = get_style(t.style or "") + get_style(t.border_style or "")
+    bx = t.box.substitute(options, safe=t.safe_box if t.safe_box is not None else console.safe_box) if t.box else None
+    last_col = len(t.columns) - 1
+    _, pad_right, _, pad_left = t.padding
+    col_style = [get_style(col.style or "") for col in t.columns]
     per_row: dict[int, list] = {}
-    for i, key in zip(range(c0, c1), keys):
-        rkey = (layout, widths, key)
-        lines = cache.rows.get(rkey)
-        if lines is None:
-            t = _fixed_table(widths, wide, medium, header=False)
-            _add_row(t, snaps[i], rows[i], now, wide, medium, _selected_style(key[2]))
-            lines = cache.put(cache.rows, rkey, _row_lines(console.render_lines(t, options, pad=False))[1])
-        per_row[i] = lines
+    for i, (cells, keys) in zip(range(c0, c1), cand):
+        is_sel = i == selected
+        rkey = (layout, widths, keys, is_sel, i == c1 - 1)
+        out = cache.rows.get(rkey)
+        if out is not None:
+            per_row[i] = out
+            continue
+        row_style = Style.null() + get_style(Style(reverse=True)) if is_sel else Style.null()
+        drawn = []
+        for j, (col, w, cell, key) in enumerate(zip(t.columns, widths, cells, keys)):
+            dkey = (layout, j, w, key, is_sel)
+            lines = cache.drawn.get(dkey)
+            if lines is None:
+                pad = (0, 0 if j == last_col and not t.pad_edge else pad_right,
+                       0, 0 if j == 0 and not t.pad_edge else pad_left)
+                opts = options.update(width=w, justify=col.justify, no_wrap=col.no_wrap, overflow=col.overflow,
+                                      height=None, highlight=col.highlight)
+                lines = cache.put(cache.drawn, dkey, console.render_lines(
+                    Padding(cell, pad), opts, style=col_style[j] + row_style))
+            drawn.append(lines)
+        h = max(len(lines) for lines in drawn)
+        shaped = [Segment.set_shape(Segment.align_top(lines, w, h, col_style[j] + row_style), w, h)
+                  for j, (lines, w) in enumerate(zip(drawn, widths))]
+        if bx:
+            seg = (bx.foot_left, bx.foot_right, bx.foot_vertical) if i == c1 - 1 else \
+                (bx.mid_left, bx.mid_right, bx.mid_vertical)
+            left, right = Segment(seg[0], border), Segment(seg[1], border)
+            divider = Segment(seg[2], border if seg[2].strip() else row_style.background_style + border)
+            edge = t.show_edge
+            out = []
+            for n in range(h):
+                line = [left] if edge else []
+                for j, cell in enumerate(shaped):
+                    if j:
+                        line.append(divider)
+                    line.extend(cell[n])
+                if edge:
+                    line.append(right)
+                out.append(line)
+        else:
+            out = [[seg for cell in shaped for seg in cell[n]] for n in range(h)]
+        per_row[i] = cache.put(cache.rows, rkey, out)
     return ends[0], per_row, ends[1]
-
 
 
 def render(snaps: Sequence[ProxySnapshot], now: float | None = None, errors: Sequence[str] = (),
