@@ -158,6 +158,9 @@ class Launch:
     hostname_attempts: int = 0
     logged_in: bool = False  # a `tailscale up` of this launch succeeded
     config_changed: bool = False  # the desired serve set changed: the next difference is ours, not drift
+    api: "ts.LocalAPI | None" = None  # reconcile's and the liveness probe's, one kept-alive connection
+    answered_at: float = 0.0  # monotonic: tailscaled's LocalAPI last answered (an observation, a bus line, a ping)
+    remembered: tuple | None = None  # (state file's inode, mtime_ns, size; record) _remember last kept
     reprobe: asyncio.Event = field(default_factory=asyncio.Event)  # probe the upstreams now
     identity_checked: bool = False  # the old device was dealt with before this launch's first login
     identity_task: asyncio.Task | None = None  # identity.keep for a new node (_keep_identity)
@@ -528,6 +531,7 @@ class Proxy:
                 return
             async with asyncio.TaskGroup() as tg:
                 L.tg = tg
+                L.api = ts.LocalAPI(self.socket, keep_alive=True)
                 await self._spawn_tailscaled(L)
                 tg.create_task(self._watch(L))
                 tg.create_task(self._reconcile(L))
@@ -542,6 +546,8 @@ class Proxy:
             else:
                 self.post(L, Verdict(Signal.CRASH, redact(f"launch failed: {first}")))
         finally:
+            if L.api is not None:
+                L.api.close()
             await asyncio.shield(self._reap(L))
 
     def _is_bookkeeping(self, e: BaseException) -> bool:
@@ -604,6 +610,7 @@ class Proxy:
                 continue
             try:
                 async for ev in api.watch_bus():
+                    L.answered_at = time.monotonic()
                     expired = bool(ev.browse_to_url) and await self._key_expired_before_auth_url(L)
                     for v in policy.from_bus(ev, key_expired=expired):
                         self.post(L, v)
@@ -621,7 +628,7 @@ class Proxy:
         """Level-triggered: observe on every bus change (coalesced) and every
         `reconcile_period` seconds, compare with the config, fix what can be fixed in
         place, and say whether the proxy is serving."""
-        api = ts.LocalAPI(self.socket)
+        api = L.api or ts.LocalAPI(self.socket)
         assert L.tg is not None
         L.tg.create_task(self._watch_upstream(L))
         while not L.stopping:
@@ -637,6 +644,7 @@ class Proxy:
             except (OSError, ts.LocalAPIError, asyncio.IncompleteReadError) as e:
                 self.reason = f"tailscaled's LocalAPI does not answer: {e}"
                 continue
+            L.answered_at = time.monotonic()
             self.observed = obs
             try:
                 await self._act(L, api, self.desired(), obs)
@@ -709,7 +717,7 @@ class Proxy:
             if L.serve_error:
                 L.serve_error = ""
             self.post(L, Verdict(Signal.RUNNING, ", ".join(obs.tailscale_ips)))
-            await asyncio.to_thread(self._remember, obs, self._settled_record(L, obs))
+            await self._remember_if_changed(L, obs, self._settled_record(L, obs))
             return
         reasons = [f"{s.describe()}: {why}" for s, why in sorted(refused.items())]
         reasons += [d.reason for d in diffs if not (d.kind is rc.Kind.SERVE and refused
@@ -718,17 +726,34 @@ class Proxy:
             reasons.append(L.serve_error)
         self.post(L, Verdict(Signal.DEGRADED, policy.whole("; ".join(reasons))))
 
-    def _remember(self, obs: ts.Observed, record: identity.Record | None) -> None:
+    async def _remember_if_changed(self, L: Launch, obs: ts.Observed, record: identity.Record | None) -> None:
+        """_remember, unless neither tailscaled.state (tailscaled replaces it on every
+        write, so its inode, mtime and size say) nor the record changed since this
+        launch last kept them: at rest that is every observation, and reading and
+        parsing the state in a thread was a tenth of the supervisor's CPU at 200."""
+        try:
+            st = os.stat(self.statedir / ts.STATE_FILE)
+            key: tuple | None = (st.st_ino, st.st_mtime_ns, st.st_size, record)
+        except OSError:
+            key = None
+        if key is not None and key == L.remembered:
+            return
+        if await asyncio.to_thread(self._remember, obs, record):
+            L.remembered = key
+
+    def _remember(self, obs: ts.Observed, record: identity.Record | None) -> bool:
         """While serving: keep a copy of good state (whenever it changed) and
         record who the node is (node.json, identity.Record), outside the state
         dir, for a recovery that must keep the node's identity. `record` None:
-        not now (a new node's identity steps are still under way)."""
+        not now (a new node's identity steps are still under way). False if
+        the disk refused (tried again at the next observation)."""
         try:
             statefile.keep_copy(self.statedir, self.dir / statefile.COPY_NAME)
             if record is not None:
                 identity.write_record(self.dir / identity.RECORD_NAME, record)
         except OSError:
-            pass  # a full disk costs the copy, never the proxy
+            return False  # a full disk costs the copy, never the proxy
+        return True
 
     # -- identity: a new node keeps the old one's name and IP (identity.py) ------------
 
@@ -812,7 +837,7 @@ class Proxy:
         except (OSError, ts.LocalAPIError, asyncio.IncompleteReadError):
             return  # the next observation records it
         if now.backend_state is ts.BackendState.RUNNING and now.tailscale_ips:
-            await asyncio.to_thread(self._remember, now, self._settled_record(L, now))
+            await self._remember_if_changed(L, now, self._settled_record(L, now))
 
     async def _apply_serve(self, L: Launch, services: frozenset[ts.Service]) -> str | None:
         """The serve config as one unit: reset, then one `tailscale serve --bg`
@@ -1010,13 +1035,24 @@ class Proxy:
 
     async def _probe(self, L: Launch) -> None:
         """Liveness: a stopped or wedged tailscaled keeps its socket but stops
-        answering. Unanswered for hang_timeout -> treated as a crash."""
-        api = ts.LocalAPI(self.socket)
+        answering. Unanswered for hang_timeout -> treated as a crash.
+
+        A ping is sent only after hang_timeout/2 without any answer (an
+        observation or a bus line counts), so a busy node is not pinged, and a
+        stop is still noticed between hang_timeout and 1.5 x hang_timeout
+        after tailscaled's last answer, as with a ping every hang_timeout/2."""
+        api = L.api or ts.LocalAPI(self.socket)
         hang = self.ctx.settings.hang_timeout
+        last = time.monotonic()  # the first ping half a hang_timeout after the launch
         while True:
-            await asyncio.sleep(hang / 2)
+            quiet = time.monotonic() - max(last, L.answered_at)
+            if quiet < hang / 2:
+                await asyncio.sleep(hang / 2 - quiet)
+                continue
+            last = time.monotonic()
             try:
                 await asyncio.wait_for(api.ping(), hang)
+                L.answered_at = time.monotonic()
             except TimeoutError:
                 self.post(L, Verdict(Signal.CRASH, f"tailscaled did not answer for {hang:g}s (hung)"))
                 return

@@ -558,16 +558,30 @@ class LocalAPI:
 
     HOST = "local-tailscaled.sock"
 
-    def __init__(self, socket: Path):
+    def __init__(self, socket: Path, keep_alive: bool = False):
+        """keep_alive: GET requests reuse one idle HTTP/1.1 connection (tailscaled's
+        LocalAPI is Go's net/http server, which keeps connections open between
+        requests); a request while it is busy opens its own. Call close() when done."""
         self.socket = Path(socket)
+        self.keep_alive = keep_alive
+        self._idle: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
-    async def _open(self, method: str, path: str, body: bytes = b"") -> tuple[
+    def close(self) -> None:
+        """Drop the idle kept-alive connection, if any."""
+        if self._idle is not None:
+            self._idle[1].close()
+            self._idle = None
+
+    async def _open(self, method: str, path: str, body: bytes = b"",
+                    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+                    keep: bool = False) -> tuple[
             asyncio.StreamReader, asyncio.StreamWriter, int, dict[str, str]]:
-        reader, writer = await asyncio.open_unix_connection(str(self.socket), limit=1 << 22)
+        reader, writer = conn or await asyncio.open_unix_connection(str(self.socket), limit=1 << 22)
         try:
+            close = "" if keep else "Connection: close\r\n"
             head = (f"{method} {path} HTTP/1.1\r\nHost: {self.HOST}\r\n"
                     f"Sec-Tailscale: localapi\r\nContent-Length: {len(body)}\r\n"
-                    f"Content-Type: application/json\r\nConnection: close\r\n\r\n")
+                    f"Content-Type: application/json\r\n{close}\r\n")
             writer.write(head.encode() + body)
             await writer.drain()
             status_line = await reader.readline()
@@ -597,7 +611,9 @@ class LocalAPI:
                     size = int(size_line.split(b";")[0].strip() or b"0", 16)
                 except ValueError:
                     raise LocalAPIError(0, f"bad chunk size {size_line[:40]!r}") from None
-                if size == 0:
+                if size == 0:  # then trailers, if any, and an empty line (RFC 9112 7.1)
+                    while await reader.readline() not in (b"\r\n", b"\n", b""):
+                        pass
                     return
                 if size < 0 or size > MAX_BODY:
                     raise LocalAPIError(0, f"chunk of {size} bytes")
@@ -621,11 +637,34 @@ class LocalAPI:
         """One request. Raises OSError (socket), LocalAPIError (HTTP >= 300 or a
         malformed answer) or asyncio.IncompleteReadError (cut short)."""
         data = b"" if body is None else json.dumps(body).encode()
-        reader, writer, status, headers = await self._open(method, path, data)
+        keep = self.keep_alive and method == "GET"
+        conn, self._idle = (self._idle, None) if keep else (None, self._idle)
+        if conn is not None:
+            try:
+                return await self._exchange(method, path, data, conn, keep)
+            except (OSError, asyncio.IncompleteReadError):
+                pass  # the kept connection was closed meanwhile (tailscaled restarted): a new one
+            except LocalAPIError as e:
+                if e.status:
+                    raise
+        return await self._exchange(method, path, data, None, keep)
+
+    async def _exchange(self, method: str, path: str, data: bytes,
+                        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None,
+                        keep: bool) -> bytes:
+        reader, writer, status, headers = await self._open(method, path, data, conn, keep)
+        whole = False
         try:
-            out = b"".join([c async for c in self._chunks(reader, headers)])
+            out = (b"" if status in (204, 304) else  # no body, and no length to say so (RFC 9112 6.3)
+                   b"".join([c async for c in self._chunks(reader, headers)]))
+            whole = True
         finally:
-            writer.close()
+            framed = (status in (204, 304) or "content-length" in headers
+                      or headers.get("transfer-encoding", "").lower() == "chunked")
+            if keep and whole and framed and self._idle is None and headers.get("connection", "").lower() != "close":
+                self._idle = (reader, writer)
+            else:
+                writer.close()
         if status >= 300:
             raise LocalAPIError(status, out.decode(errors="replace"))
         return out
