@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import re
 import signal
@@ -23,6 +24,16 @@ from typing import Any, TypeVar
 from supervisor import tailscale as ts
 
 T = TypeVar("T")
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_test() -> None:
+    """preexec_fn: SIGTERM this child when the test process dies (prctl
+    PR_SET_PDEATHSIG), so a test run killed by a timeout never leaves a
+    supervisor or tailscaled behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class Timeout(AssertionError):
@@ -112,7 +123,8 @@ class Node:
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=die_with_test)
         threading.Thread(target=self._read_output, daemon=True).start()
         wait_for(lambda: self.call(self.api.request("GET", "/localapi/v0/status")), 10,
                  "LocalAPI to answer")

@@ -16,7 +16,7 @@ import psutil
 import tomli_w
 
 from supervisor import ipc
-from tests.harness import Timeout, wait_for
+from tests.harness import Timeout, die_with_test, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ class SupervisorProc:
                  "--config-dir", str(self.config_dir), "--data-dir", str(self.data_dir),
                  "--settings", str(settings_path)],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=die_with_test)
         if wait:
             wait_for(lambda: self._answers() or self._died(), 30, "supervisor control socket")
         return self
