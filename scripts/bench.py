@@ -20,7 +20,6 @@ import io
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import statistics
@@ -36,6 +35,7 @@ from typing import Any
 
 import psutil
 
+from scripts import benchlib
 from supervisor import ipc, memory
 from supervisor import tailscale as ts
 from tests.fixtures_control import ControlThread
@@ -995,10 +995,7 @@ def main() -> None:
                     help="--only scale: py-spy samples the supervisor at each point (bench-out/profile-N-PEERS.txt)")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
-    if os.environ.get("TS_SUPERVISOR_NETNS") != "1":
-        raise SystemExit("bench: run me through scripts/bench (real tailscaled only in the private namespace)")
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    benchlib.enter("bench")
     if args.version:
         os.environ["TS_SUPERVISOR_TAILSCALE_VERSION"] = args.version  # the supervisor child too
     bins = ts.Binaries.locate(version=args.version)

@@ -21,7 +21,6 @@ import argparse
 import http.server
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scripts import benchlib
 from supervisor import procs
 from supervisor import tailscale as ts
 from scripts.bench_serve import apply_b, cpu_s, desired, private_copy, services, smaps
@@ -254,11 +254,7 @@ def main() -> None:
                     help="the embedded control's peers policy (all: each proxy sees the other N-1)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     args = ap.parse_args()
-    if os.environ.get("TS_SUPERVISOR_NETNS") != "1":
-        raise SystemExit("bench-gomem: run me through scripts/bench-gomem (real tailscaled only in the "
-                         "private namespace)")
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    benchlib.enter("bench-gomem")
     procs.become_subreaper()
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     for s in settings:

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import select
 import shutil
 import signal
@@ -37,6 +36,7 @@ from typing import Any
 
 import psutil
 
+from scripts import benchlib
 from supervisor import procs
 from supervisor import tailscale as ts
 from tests.fixtures_control import ControlThread
@@ -615,11 +615,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10, help="applies timed per option")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     args = ap.parse_args()
-    if os.environ.get("TS_SUPERVISOR_NETNS") != "1":
-        raise SystemExit("bench-serve: run me through scripts/bench-serve (real tailscaled only in the "
-                         "private namespace)")
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    benchlib.enter("bench-serve")
     procs.become_subreaper()  # what a killed stand-in leaves behind comes to us, to be reaped
     sizes = sorted(int(x) for x in args.sizes.split(",") if x.strip())
     versions = [v.strip() for v in args.versions.split(",") if v.strip()]

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -51,6 +50,7 @@ from typing import Any
 
 import psutil
 
+from scripts import benchlib
 from supervisor import ipc
 from supervisor import tailscale as ts
 from supervisor.control.cli import AdminClient
@@ -443,12 +443,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--version", default=None, help="tailscale version under .tools/")
     args = ap.parse_args()
-    if os.environ.get("TS_SUPERVISOR_NETNS") != "1":
-        raise SystemExit("soak: run me through scripts/soak (real tailscaled only in the private namespace)")
+    benchlib.enter("soak")
     if min(args.sample, args.churn) <= 0 or args.proxies < 1:
         raise SystemExit("soak: --sample and --churn must be positive, --proxies at least 1")
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.version:
         os.environ["TS_SUPERVISOR_TAILSCALE_VERSION"] = args.version  # the supervisor child too
     bins = ts.Binaries.locate(version=args.version)
