@@ -312,7 +312,7 @@ class Fleet:
                 await asyncio.gather(sampler, return_exceptions=True)
             stops.append(stop_sampler)
         if self.settings.metrics:
-            server = MetricsServer(self.settings.metrics, self._metrics)
+            server = MetricsServer(self.settings.metrics, self._metrics, lambda: self.config_errors)
             await server.start()
             self._note("-", "metrics", f"metrics at http://{server.host}:{server.port}/metrics")
             stops.append(server.close)

@@ -14,20 +14,30 @@ the children share once per child): it stays, from the same sample (0 without
 one), for one release.
 
 GET /healthz: the fleet, for a NAS, a reverse proxy or an uptime monitor.
-  200 when every proxy that should run is `running`; 503 otherwise. Proxies the
-  operator stopped (state `stopped`) are listed but do not count, so a fleet
-  with none that should run is healthy. Body (application/json), both codes:
+  200 when every proxy that should run is `running` and every file in the
+  config dir loads; 503 otherwise. Proxies the operator stopped (state
+  `stopped`) are listed but do not count, so a fleet with none that should run
+  (and no bad file) is healthy. Body (application/json), both codes:
     {"healthy": bool,
-     "proxies": [{"name": str, "state": str, "reason": str, "upstream": str|null}]}
-  in name order. `reason`: why the proxy is not running (its reason, else its
-  last error; "" for a running proxy), secrets redacted. `upstream`: the last
-  probe of its target ("ok", "refused", ...; null before the first), shown
-  only: a failing upstream is not a proxy state and does not make the proxy
-  unhealthy.
+     "proxies": [{"name": str, "state": str, "reason": str, "upstream": str|null}],
+     "config_errors": [str]}
+  proxies in name order. `reason`: why the proxy is not running (its reason,
+  else its last error; "" for a running proxy), secrets redacted. `upstream`:
+  the last probe of its target ("ok", "refused", ...; null before the first),
+  shown only: a failing upstream is not a proxy state and does not make the
+  proxy unhealthy. `config_errors`: one line ("PATH: KEY: REASON", as `status`
+  shows) per error of a file that does not load (or of the config dir itself),
+  secrets redacted; a bad file is configuration the supervisor is not applying,
+  so any makes the fleet unhealthy. A proxy whose file turned bad while it ran
+  keeps running with its old config and is listed as such.
 GET /healthz/NAME: the same for one proxy, whatever its state: 200 if it is
   `running`, 503 if not (`stopped` included), with the same body listing just
-  it. 404 with {"error": str} when no proxy is named NAME (taken as it appears
-  in the path, not percent-decoded; echoed only when it looks like a proxy name).
+  it and just its file's config errors (a proxy running on its old config with
+  a bad file is still judged by its state). A proxy that is not running because
+  its file NAME.toml does not load: 503, listed with state "invalid" and its
+  first error line as reason. 404 with {"error": str} when neither a proxy nor
+  a file is named NAME (taken as it appears in the path, not percent-decoded;
+  echoed only when it looks like a proxy name).
 
 `degraded`, `starting`, `recovering`, `backoff` and `failed` are all unhealthy.
 A control-plane outage alone is not: the node keeps serving its peers, and the
@@ -39,7 +49,8 @@ that one connection, with a 4xx and `Connection: close`: 400 for a request head
 that is not HTTP/1.x, 404 for any other path, 405 for another method, 408 when
 the head takes longer than HEAD_TIMEOUT, 431 when it exceeds MAX_HEAD bytes.
 Beyond MAX_CONNECTIONS at once, a connection gets 503 at once. Rendering and
-the health verdict are pure functions of snapshots, tested without a socket.
+the health verdict are pure functions of snapshots and config errors, tested
+without a socket.
 """
 from __future__ import annotations
 
@@ -50,6 +61,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from http import HTTPStatus
 
+from supervisor.config import ConfigError
 from supervisor.events import redact
 from supervisor.proxy import ProxySnapshot
 from supervisor.states import HEALTHY_STATES, State
@@ -131,20 +143,35 @@ def health_entry(s: ProxySnapshot) -> dict[str, str | None]:
             "upstream": None if s.upstream is None else redact(s.upstream)}
 
 
-def health(snaps: Sequence[ProxySnapshot], name: str | None = None) -> tuple[int, dict]:
+def _file_proxy(e: ConfigError) -> str | None:
+    """The proxy a config error's file names (its stem, as config.py derives it);
+    None for the config dir itself."""
+    return e.path.stem if e.path.suffix == ".toml" else None
+
+
+def health(snaps: Sequence[ProxySnapshot], name: str | None = None,
+           config_errors: Sequence[ConfigError] = ()) -> tuple[int, dict]:
     """The /healthz verdict: (HTTP status, JSON body) for the fleet (name None)
-    or for the proxy `name`. Codes and shapes: the module docstring."""
+    or for the proxy `name`, given the fleet's snapshots and the errors of the
+    files that do not load. Codes and shapes: the module docstring."""
     if name is None:
         counted = [s for s in snaps if s.state != State.STOPPED.value]
-        healthy = all(s.state in _HEALTHY for s in counted)
+        healthy = not config_errors and all(s.state in _HEALTHY for s in counted)
         return (200 if healthy else 503), {"healthy": healthy,
-                                           "proxies": [health_entry(s) for s in snaps]}
+                                           "proxies": [health_entry(s) for s in snaps],
+                                           "config_errors": [redact(str(e)) for e in config_errors]}
     one = next((s for s in snaps if s.name == name), None)
+    mine = [redact(str(e)) for e in config_errors if _file_proxy(e) == name] \
+        if _ECHOABLE.fullmatch(name) else []
+    if one is None and mine:
+        return 503, {"healthy": False, "config_errors": mine,
+                     "proxies": [{"name": name, "state": "invalid", "reason": mine[0], "upstream": None}]}
     if one is None:
         shown = f"no proxy named {name}" if _ECHOABLE.fullmatch(name) else "no such proxy"
         return 404, {"error": shown}
     healthy = one.state in _HEALTHY
-    return (200 if healthy else 503), {"healthy": healthy, "proxies": [health_entry(one)]}
+    return (200 if healthy else 503), {"healthy": healthy, "proxies": [health_entry(one)],
+                                       "config_errors": mine}
 
 
 class Refused(Exception):
@@ -186,12 +213,13 @@ def _json(status: int, body: dict) -> tuple[int, str, bytes]:
     return status, JSON_TYPE, json.dumps(body).encode() + b"\n"  # ASCII: every control byte escaped
 
 
-def route(path: str, snaps: Sequence[ProxySnapshot]) -> tuple[int, str, bytes]:
+def route(path: str, snaps: Sequence[ProxySnapshot],
+          config_errors: Sequence[ConfigError] = ()) -> tuple[int, str, bytes]:
     """(status, content type, body) for a GET of `path` other than /metrics."""
     if path == "/healthz":
-        return _json(*health(snaps))
+        return _json(*health(snaps, None, config_errors))
     if path.startswith("/healthz/"):
-        return _json(*health(snaps, path.removeprefix("/healthz/")))
+        return _json(*health(snaps, path.removeprefix("/healthz/"), config_errors))
     return 404, TEXT_TYPE, b"not found\n"
 
 
@@ -199,13 +227,14 @@ class MetricsServer:
     """Serves /metrics and /healthz on a loopback address (the module docstring)."""
 
     def __init__(self, listen: str,
-                 collect: Callable[[], tuple[Sequence[ProxySnapshot], Mapping[str, Iterable[float]]]]
-                 ) -> None:
+                 collect: Callable[[], tuple[Sequence[ProxySnapshot], Mapping[str, Iterable[float]]]],
+                 config_errors: Callable[[], Sequence[ConfigError]] = tuple) -> None:
         host, _, port = listen.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
         if not ipaddress.ip_address(self.host).is_loopback:
             raise ValueError(f"metrics must listen on loopback, not {self.host}")
         self.collect = collect  # called on the loop: snapshots and detection latencies
+        self.config_errors = config_errors  # called on the loop: the files that do not load
         self._server: asyncio.Server | None = None
         self._open = 0
 
@@ -237,7 +266,7 @@ class MetricsServer:
         if path == "/metrics":  # memory comes sampled in the snapshots: a scrape reads no /proc
             status, ctype, body = 200, METRICS_TYPE, render(snaps, detections).encode()
         else:
-            status, ctype, body = route(path, snaps)
+            status, ctype, body = route(path, snaps, self.config_errors())
         return response(status, ctype, body, head_only=method == "HEAD")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

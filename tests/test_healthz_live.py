@@ -1,6 +1,7 @@
 """GET /healthz and /healthz/NAME against a real supervisor with real proxies on
 the test control: what an uptime monitor polling the NAS would see through a
-recovery, a failed proxy, and the operator stopping it."""
+recovery, a failed proxy, the operator stopping it, and a proxy file that does
+not load until it is fixed."""
 from __future__ import annotations
 
 import json
@@ -52,7 +53,7 @@ def test_healthz_through_a_recovery_a_failure_and_an_operator_stop(sup, control,
     assert _states(body) == {"app": "running", "spent": "running"}
     assert all(set(p) == {"name", "state", "reason", "upstream"} for p in body["proxies"])
     assert _get(f"{base}/healthz/app") == (200, {"healthy": True, "proxies": [
-        next(p for p in body["proxies"] if p["name"] == "app")]})
+        next(p for p in body["proxies"] if p["name"] == "app")], "config_errors": []})
     assert _get(f"{base}/healthz/nosuch") == (404, {"error": "no proxy named nosuch"})
 
     # A recovery: the control forgets app's node. Poll as a monitor would, from the
@@ -92,7 +93,8 @@ def test_healthz_through_a_recovery_a_failure_and_an_operator_stop(sup, control,
     spent = next(p for p in body["proxies"] if p["name"] == "spent")
     assert "invalid key" in spent["reason"] and "tskey-" not in json.dumps(body)
     assert _get(f"{base}/healthz/app")[0] == 200  # one proxy is judged alone
-    assert _get(f"{base}/healthz/spent") == (503, {"healthy": False, "proxies": [spent]})
+    assert _get(f"{base}/healthz/spent") == (503, {"healthy": False, "proxies": [spent],
+                                                  "config_errors": []})
 
     # The operator stops it: the fleet is healthy again, and says what it left out.
     n = len(sup.events())
@@ -104,4 +106,46 @@ def test_healthz_through_a_recovery_a_failure_and_an_operator_stop(sup, control,
     assert _states(body) == {"app": "running", "spent": "stopped"}
     status, body = _get(f"{base}/healthz/spent")
     assert status == 503 and _states(body) == {"spent": "stopped"}  # not serving, as asked
+    assert "Traceback" not in sup.text()
+
+
+def test_a_file_that_does_not_load_is_unhealthy_until_it_is_fixed(sup):
+    """A NAS user's typo in conf.d/media.toml: the proxy they configured is not
+    serving, so the monitor must not hear "healthy" until the fixed file runs."""
+    sup.settings.update(metrics="127.0.0.1:0")
+    sup.write_proxy("app", hostname="app", target="http://127.0.0.1:9", serve="http", port=80,
+                    login_server="embedded")
+    media = sup.config_dir / "media.toml"
+    media.write_text('hostname = "media"\ntarget = "http://127.0.0.1:9"\nlogin_server = "embedded\n')
+    sup.start()
+    sup.wait_state("app", "running", 60)
+    base = _base(sup)
+
+    status, body = _get(f"{base}/healthz")
+    assert status == 503 and body["healthy"] is False
+    assert _states(body) == {"app": "running"}  # the running proxy is listed as it is
+    assert len(body["config_errors"]) == 1 and body["config_errors"][0].startswith(f"{media}: "), body
+    line = body["config_errors"][0]
+    assert _get(f"{base}/healthz/media") == (503, {"healthy": False, "config_errors": [line], "proxies": [
+        {"name": "media", "state": "invalid", "reason": line, "upstream": None}]})
+    assert _get(f"{base}/healthz/app")[0] == 200  # judged alone
+    assert _get(f"{base}/healthz/nosuch") == (404, {"error": "no proxy named nosuch"})
+
+    sup.write_proxy("media", hostname="media", target="http://127.0.0.1:9", serve="http", port=80,
+                    login_server="embedded")
+    seen: list[tuple[int, dict[str, Any]]] = []
+
+    def healthy() -> bool:
+        seen.append(_get(f"{base}/healthz"))
+        return seen[-1][0] == 200
+
+    wait_for(healthy, 60, "/healthz 200 once the fixed media.toml runs", interval=0.1)
+    status, body = seen[-1]
+    assert body == {"healthy": True, "config_errors": [], "proxies": [
+        {"name": "app", "state": "running", "reason": "", "upstream": body["proxies"][0]["upstream"]},
+        {"name": "media", "state": "running", "reason": "", "upstream": body["proxies"][1]["upstream"]}]}
+    for status, body in seen:  # never 200 before both run with no bad file
+        assert (status == 200) is (body["config_errors"] == [] and
+                                   set(_states(body).values()) == {"running"} and len(body["proxies"]) == 2)
+    assert _get(f"{base}/healthz/media")[0] == 200
     assert "Traceback" not in sup.text()
