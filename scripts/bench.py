@@ -982,7 +982,7 @@ def scale_only(control: ControlThread, root: Path, sizes: list[int], args: argpa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5, help="rounds per detection class and recovery")
     ap.add_argument("--sizes", default="1,10,25,50", help="fleet sizes for the scale curves")
     ap.add_argument("--window", type=float, default=60.0, help="seconds of steady-state CPU measurement")
@@ -996,7 +996,16 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="--only scale: py-spy samples the supervisor at each point (bench-out/profile-N-PEERS.txt)")
     args = ap.parse_args()
-    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    try:
+        sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--sizes: {args.sizes!r} is not a comma-separated list of whole numbers")
+    if not sizes or min(sizes) < 1:
+        ap.error(f"--sizes: every fleet size must be at least 1 (got {args.sizes!r})")
+    if unknown := [p for p in args.peers.split(",") if p and p not in PEERS]:
+        ap.error(f"--peers: {', '.join(unknown)} is not a policy (choose from {', '.join(PEERS)})")
+    if args.runs < 1 or args.window <= 0:
+        ap.error("--runs must be at least 1 and --window positive")
     benchlib.enter("bench")
     if args.version:
         os.environ["TS_SUPERVISOR_TAILSCALE_VERSION"] = args.version  # the supervisor child too

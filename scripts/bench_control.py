@@ -28,7 +28,7 @@ def launch_to_running(bins: ts.Binaries, control: ControlThread, statedir: Path,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="scripts/bench-control")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--fleet", type=int, default=50)
     ap.add_argument("--version", default=None)

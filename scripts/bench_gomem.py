@@ -244,7 +244,7 @@ def table(rows: list[dict[str, Any]], settle: float, idle: float) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="scripts/bench-gomem", description=__doc__.split("\n\n")[0])
     ap.add_argument("--proxies", type=int, default=50)
     ap.add_argument("--versions", default="1.96.4", help="tailscale releases under .tools/")
     ap.add_argument("--settings", default=DEFAULT_SETTINGS)

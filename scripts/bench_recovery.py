@@ -15,7 +15,7 @@ from tests.supervisor_harness import SupervisorProc
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="scripts/bench-recovery")
     ap.add_argument("--runs", type=int, default=10)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-recovery-"))

@@ -608,7 +608,7 @@ def table(mem: list[dict], lat: dict[str, dict[str, dict]], beh: list[dict], set
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="scripts/bench-serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,10", help="fleet sizes (the smallest also gets the latency runs)")
     ap.add_argument("--versions", default="1.96.4,1.78.1", help="tailscale releases under .tools/")
     ap.add_argument("--settle", type=float, default=10.0, help="seconds between serving and measuring")

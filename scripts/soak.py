@@ -431,7 +431,7 @@ def run(args: argparse.Namespace, bins: ts.Binaries, root: Path) -> dict[str, An
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="scripts/soak", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hours", type=float, default=2.0, help="how long to soak once all proxies run")
     ap.add_argument("--minutes", type=float, default=None, help="instead of --hours, for a short check")
     ap.add_argument("--proxies", type=int, default=50)
@@ -443,9 +443,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--version", default=None, help="tailscale version under .tools/")
     args = ap.parse_args()
-    benchlib.enter("soak")
     if min(args.sample, args.churn) <= 0 or args.proxies < 1:
-        raise SystemExit("soak: --sample and --churn must be positive, --proxies at least 1")
+        ap.error("--sample and --churn must be positive, --proxies at least 1")
+    if (args.minutes if args.minutes is not None else args.hours) <= 0 or args.warmup < 0:
+        ap.error("--hours (or --minutes) must be positive and --warmup not negative")
+    benchlib.enter("soak")
     if args.version:
         os.environ["TS_SUPERVISOR_TAILSCALE_VERSION"] = args.version  # the supervisor child too
     bins = ts.Binaries.locate(version=args.version)
