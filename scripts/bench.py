@@ -927,19 +927,21 @@ def plot(scale: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     label = {"clients": "proxies see clients only (default)", "all": "every node sees every node"}
     for ax, key, title, unit, limit in (
-            (axes[0][0], "all_running_s", "start -> all running", "s", 30),
-            (axes[0][1], "cpu_pct", "supervisor CPU at rest", "% of one core", 2),
-            (axes[1][0], "rss_mb", "supervisor RSS", "MiB", 100e6 / 2**20),
-            (axes[1][1], "pss_per_proxy_mb", "children PSS per proxy", "MiB", 12)):
+            (axes[0][0], "all_running_s", "start -> all running", "s", (30, 200)),
+            (axes[0][1], "cpu_pct", "supervisor CPU at rest", "% of one core", (2, 200)),
+            (axes[1][0], "rss_mb", "supervisor RSS", "MiB", (100e6 / 2**20, 200)),
+            (axes[1][1], "pss_per_proxy_mb", "children PSS per proxy", "MiB", (12, 50))):
         for peers in dict.fromkeys(s.get("peers", "clients") for s in scale):
             runs = [s for s in scale if s.get("peers", "clients") == peers]
             ax.plot([s["size"] for s in runs], [s.get(key) or 0 for s in runs], marker="o",
                     label=label.get(peers, peers))
-        if limit is not None:
-            ax.axhline(limit, color="red", linestyle="--", linewidth=1, label="target")
+        if limit is not None:  # issue 14's target holds at one fleet size
+            ax.axhline(limit[0], color="red", linestyle="--", linewidth=1, label=f"target at {limit[1]} proxies")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
         ax.set_title(title)
         ax.set_xlabel("proxies")

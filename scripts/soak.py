@@ -431,16 +431,16 @@ def run(args: argparse.Namespace, bins: ts.Binaries, root: Path) -> dict[str, An
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="scripts/soak", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="scripts/soak", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n\n")[0])
     ap.add_argument("--hours", type=float, default=2.0, help="how long to soak once all proxies run")
     ap.add_argument("--minutes", type=float, default=None, help="instead of --hours, for a short check")
-    ap.add_argument("--proxies", type=int, default=50)
+    ap.add_argument("--proxies", type=int, default=50, help="how many proxies run (embedded control, default peers policy)")
     ap.add_argument("--sample", type=float, default=60.0, help="seconds between samples")
     ap.add_argument("--churn", type=float, default=150.0, help="seconds between churn steps")
     ap.add_argument("--warmup", type=float, default=10.0,
                     help="minutes left out of the fits (at most a quarter of the run)")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
+    ap.add_argument("--seed", type=int, default=1, help="seeds which proxy each churn step picks")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-out", help="where soak.csv, soak.png and soak.json go")
     ap.add_argument("--version", default=None, help="tailscale version under .tools/")
     args = ap.parse_args()
     if min(args.sample, args.churn) <= 0 or args.proxies < 1:
@@ -465,8 +465,8 @@ def main() -> None:
         plot(rows, summary, args.out / "soak.png")
     print()
     print(report(summary))
-    print(f"\nwrote {args.out / 'soak.csv'}, {args.out / 'soak.png'} and {args.out / 'soak.json'} "
-          f"({summary['elapsed_s']:.0f} s)")
+    wrote = [args.out / "soak.csv", *([args.out / "soak.png"] if len(rows) >= 2 else []), args.out / "soak.json"]
+    print(f"\nwrote {', '.join(map(str, wrote))} ({summary['elapsed_s']:.0f} s)")
 
 
 if __name__ == "__main__":
