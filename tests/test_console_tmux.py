@@ -48,6 +48,11 @@ class Pane:
 
     def start(self, command: str, width: int = 100, height: int = 30) -> None:
         self.tmux("new-session", "-d", "-s", "main", "-x", str(width), "-y", str(height), command)
+        # the pane's shell is tmux's child and the program its child: hold them as psutil
+        # Processes from now on, which check the create time before they signal, so a
+        # teardown can never signal a reused pid
+        shell = psutil.Process(int(self.tmux("display-message", "-p", "-t", "main", "#{pane_pid}")))
+        self.program = wait_for(lambda: next(iter(shell.children()), None), 10, "the pane's program")
 
     def keys(self, *keys: str) -> None:
         for k in keys:  # one at a time, as a person types
@@ -88,14 +93,12 @@ def status(data_dir: Path) -> dict[str, dict]:
 @pytest.fixture
 def pane(tmp_path: Path):
     p = Pane(tmp_path)
+    p.program = None
     yield p
-    lock = tmp_path / "data" / "supervisor.lock"
-    pid = int(lock.read_text() or 0) if lock.exists() else 0
-    if pid and psutil.pid_exists(pid):  # a failed test: stop the supervisor before its terminal goes
+    if p.program is not None:  # a failed test: stop the supervisor before its terminal goes
         try:
-            sup = psutil.Process(pid)
-            sup.send_signal(signal.SIGTERM)
-            sup.wait(30)
+            p.program.send_signal(signal.SIGTERM)  # psutil: only if it is still that process
+            p.program.wait(30)
         except psutil.Error:
             pass
     p.kill()
@@ -133,7 +136,7 @@ def test_operator_drives_the_console_with_keys(pane: Pane, control, tmp_path: Pa
     screen = pane.screen()
     assert "q quit" in screen and "R recover" in screen
     assert re.search(r"\b1[78]\dd\b", row(screen, "alpha")), screen  # the node key's countdown (180 days)
-    sup_pid = int((sup.data_dir / "supervisor.lock").read_text())
+    assert int((sup.data_dir / "supervisor.lock").read_text()) == pane.program.pid
     st = status(sup.data_dir)
     before = st["bravo"]["pid"]
     assert before and st["alpha"]["pid"]
@@ -193,7 +196,7 @@ def test_operator_drives_the_console_with_keys(pane: Pane, control, tmp_path: Pa
     assert not COLOUR_SGR.search(coloured), repr(coloured)
 
     # q stops every child and exits cleanly, with the terminal restored
-    supervisor = psutil.Process(sup_pid)
+    supervisor = pane.program
     children = supervisor.children(recursive=True)
     assert any(c.name() == "tailscaled" for c in children)
     pane.keys("q")
