@@ -59,6 +59,7 @@ from typing import Any, Callable
 ZERO_NODE_KEY = "nodekey:" + "00" * 32
 GO_ZERO_TIME = "0001-01-01T00:00:00Z"
 DEFAULT_NODE_KEY_LIFETIME = 180 * 86400.0  # hosted control's default
+EVENTS_KEPT = 4096  # control decisions kept for `control events` and the tests (a ring)
 NOT_EXIST = "invalid key: API key does not exist"
 V4_NET = ipaddress.ip_network("100.64.0.0/10")
 V6_NET = ipaddress.ip_network("fd7a:115c:a1e0::/48")
@@ -524,7 +525,9 @@ class Tailnet:
         self.tag_owners: dict[str, list[str]] = {}
         self.reserved_v4: set[str] = set()  # set by hand: the allocator never hands them out
         self._grants: dict[str, tuple[Actor, float | None]] = {}  # in memory: token hash -> (actor, expiry)
-        self.events: deque[dict[str, Any]] = deque(maxlen=20000)
+        # the decision log, newest last: about 750 B an event, so at most ~3 MiB of a
+        # long-running supervisor (20,000 held ~15 MiB, filling over days of churn)
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self._load()
 
     # -- persistence ---------------------------------------------------------
