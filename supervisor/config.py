@@ -47,13 +47,10 @@ def one_line(text: str) -> str:
 
 
 def show(value: Any, limit: int = 60) -> str:
-    """A value for an error line: its repr, redacted, cut to about `limit`
-    characters. Redacted first: a registered secret cut short would no longer be
-    whole, and redact() replaces only whole ones. Never raises (an int too long
-    for str() or a too-deep list is named instead)."""
-    from supervisor.events import redact  # here: events imports this module
+    """A value for an error line: its repr, cut to about `limit` characters.
+    Never raises (an int too long for str() or a too-deep list is named instead)."""
     try:
-        text = redact(repr(value))
+        text = repr(value)
     except (ValueError, RecursionError):
         return f"<a {type(value).__name__} too large to show>"
     return one_line(text if len(text) <= limit else text[:limit] + "...")
